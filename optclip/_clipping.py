@@ -1,0 +1,421 @@
+"""The clipping transformations: by value, by leaf norm, by global norm, and unit-wise (AGC).
+
+Every norm clip is the same four steps (DESIGN.md): a scope measures norms, a rule turns them into thresholds,
+``scale = min(1, threshold / norm)``, and the gradients are multiplied by the scale. Only the scope differs between
+``clip_by_global_norm``, ``clip_by_leaf_norm`` and ``adaptive_grad_clip``; the rule is whatever the user passed.
+
+Non-finite gradients: a norm clip passes a gradient with a NaN or Inf entry through unchanged (its norm is not
+finite, so there is nothing sensible to scale by); the statistics show the non-finite norm and a rule's state is
+left as it was. ``clip_by_value`` maps +-Inf to the bounds and passes NaN through, like ``torch.clamp`` and
+``optax.clip``. Wrap the chain in ``optclip.skip_nonfinite`` to skip such steps instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optclip import _norms
+from optclip._norms import NormParts
+from optclip._rules import ThresholdRule, as_rule, guarded_update, non_negative
+from optclip._stats import ClipStats, make_stats
+from optclip._validation import check_finite, check_name, check_non_negative, check_ord, concrete_float
+
+Array = jax.Array
+Threshold = float | Array | Callable[[Array], Any] | ThresholdRule
+UnitAxes = int | Sequence[int] | Callable[[tuple[int, ...]], Any] | None
+
+_CLIP_METRICS = ("norm", "threshold", "scale", "norm_after", "clipped")
+
+
+class ClipState(NamedTuple):
+    """State of every clip: the update count (for schedules), the threshold rule's state, the last statistics."""
+
+    count: Array
+    rule_state: Any
+    stats: ClipStats
+
+
+class _Scaling(NamedTuple):
+    """``x -> x * first * second``: the clip scale in two factors, so that no factor is a flushed denormal."""
+
+    first: Array
+    second: Array
+    norm: Array
+    scale: Array
+    norm_after: Array
+    clipped: Array  # bool: the norm was finite and above the threshold
+
+
+def _scaling(parts: NormParts, threshold: Array) -> _Scaling:
+    """The clip of a norm (any shape) to ``threshold`` (broadcastable), exact for norms beyond float32's range.
+
+    With ``norm = r * 2**k`` and ``r`` in [0.5, 1): ``x * threshold / norm = (x * 2**-k1) * (threshold * 2**-k2 / r)``
+    where ``k1 + k2 = k``: each factor stays a normal float even when ``threshold / norm`` would not.
+    """
+    norm = parts.value()
+    finite = jnp.isfinite(parts.mantissa)
+    clipped = finite & (norm > threshold)
+    apply = clipped | (finite & (threshold == 0))  # a zero threshold zeroes even an underflowed norm
+    renormalised = jnp.frexp(jax.lax.stop_gradient(jnp.where(finite, parts.mantissa, 1.0)))[1]
+    mantissa = _norms.times_pow2(parts.mantissa, -renormalised)
+    exponent = jnp.where(apply, parts.exponent + renormalised, 0)
+    low = exponent // 2
+    first = jnp.where(apply, jnp.ldexp(jnp.float32(1), -low), 1.0)
+    safe_mantissa = jnp.where(apply & (mantissa > 0), mantissa, 1.0)
+    second = jnp.where(apply, _norms.times_pow2(threshold, low - exponent) / safe_mantissa, 1.0)
+    return _Scaling(first, second, norm, first * second, jnp.where(apply, threshold, norm), clipped)
+
+
+def _scaled(x: Array, first: Array, second: Array) -> Array:
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    return (x.astype(compute) * first.astype(compute) * second.astype(compute)).astype(x.dtype)
+
+
+def _check_float_leaves(tree: Any, name: str) -> None:
+    """Clipping is for floating-point gradients; an integer or bool leaf is a bug upstream, so say where."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"{name}: gradient leaf {jax.tree_util.keystr(path) or '<root>'} has dtype "
+                f"{jnp.result_type(leaf)}; clipping needs floating-point gradients"
+            )
+
+
+def _zero_metrics(rule_metrics: dict[str, Array]) -> dict[str, Array]:
+    return {**dict.fromkeys(_CLIP_METRICS, 0.0), "scale": 1.0, **rule_metrics}
+
+
+def _leaf_rule_metrics(rule: ThresholdRule, rule_state: Any, num_leaves: int) -> dict[str, Array]:
+    per_leaf = jax.vmap(rule.stats, axis_size=num_leaves)(rule_state)
+    return {key: jnp.mean(value) for key, value in per_leaf.items()}
+
+
+def _leafwise_rule_update(rule: ThresholdRule, norms: Array, rule_state: Any, count: Array):
+    return jax.vmap(lambda norm, state: guarded_update(rule, norm, state, count))(norms, rule_state)
+
+
+def _stack_init(rule: ThresholdRule, num: int) -> Any:
+    return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (num, *jnp.shape(x))), rule.init())
+
+
+def clip_by_global_norm(
+    max_norm: Threshold, *, ord: float = 2, name: str = "clip_by_global_norm"
+) -> optax.GradientTransformation:
+    r"""Rescale all gradients together so that their global norm is at most ``max_norm``.
+
+    .. math:: g \leftarrow g \cdot \min\Big(1, \frac{c_t}{\|g\|_p}\Big), \qquad
+              \|g\|_p = \Big(\sum_\ell \|g_\ell\|_p^p\Big)^{1/p}
+
+    with one norm over every parameter (Pascanu et al. 2013, "On the difficulty of training recurrent neural
+    networks", arXiv:1211.5063). This is ``torch.nn.utils.clip_grad_norm_`` (without its 1e-6 in the denominator:
+    the clipped norm here is exactly ``c_t``), Keras ``global_clipnorm`` and ``optax.clip_by_global_norm``.
+
+    Numerics: the norm accumulates in float32 for bf16/f16 gradients; finite float32 gradients with entries up to
+    3e38 are clipped exactly to ``c_t`` (never zeroed, never NaN); zero gradients give zero updates for every
+    threshold, ``c_t = 0`` included, and ``jax.grad`` through the clip stays finite there. Gradients with a NaN or Inf
+    entry pass through unchanged (see ``optclip.skip_nonfinite``).
+
+    Args:
+      max_norm: the threshold ``c_t >= 0``: a number, a JAX scalar, a schedule ``step -> threshold``, or an adaptive
+        rule (``optclip.percentile()``, ``optclip.zscore()``, ...). A run-time value below 0 or NaN acts as 0.
+      ord: the norm, 1, 2 or ``inf``.
+      name: the prefix of this clip's statistics in ``optclip.stats``.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state keeps ``norm``, ``threshold``, ``scale``, ``norm_after``
+      and ``clipped`` (0 or 1) of the last update.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, optclip
+      >>> tx = optclip.clip_by_global_norm(1.0)
+      >>> grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> print(updates["w"], updates["b"])
+      [0.6 0. ] [0.8]
+      >>> print(optclip.stats(state)["clip_by_global_norm/norm"])
+      5.0
+    """
+    rule = as_rule(max_norm, "max_norm")
+    check_ord(ord)
+    check_name(name)
+
+    def init_fn(params):
+        rule_state = rule.init()
+        return ClipState(jnp.zeros((), jnp.int32), rule_state, make_stats(name, _zero_metrics(rule.stats(rule_state))))
+
+    def update_fn(updates, state, params=None):
+        del params
+        _check_float_leaves(updates, name)
+        leaves, treedef = jax.tree.flatten(updates)
+        parts = _norms.global_norm_parts(leaves, ord)
+        threshold, rule_state = guarded_update(rule, parts.value(), state.rule_state, state.count)
+        scaling = _scaling(parts, threshold)
+        clipped = [_scaled(x, scaling.first, scaling.second) for x in leaves]
+        metrics = {
+            "norm": scaling.norm,
+            "threshold": threshold,
+            "scale": scaling.scale,
+            "norm_after": scaling.norm_after,
+            "clipped": scaling.clipped,
+            **rule.stats(rule_state),
+        }
+        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics))
+        return jax.tree.unflatten(treedef, clipped), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_leaf_norm(
+    max_norm: Threshold, *, ord: float = 2, name: str = "clip_by_leaf_norm"
+) -> optax.GradientTransformation:
+    r"""Rescale each gradient array on its own so that its norm is at most ``max_norm``.
+
+    .. math:: g_\ell \leftarrow g_\ell \cdot \min\Big(1, \frac{c_{\ell,t}}{\|g_\ell\|_p}\Big)
+              \quad\text{for every leaf } \ell
+
+    This is Keras ``clipnorm`` and ``tf.clip_by_norm`` applied to each variable (Pascanu et al. 2013,
+    arXiv:1211.5063, clip per parameter block). With an adaptive rule as ``max_norm`` each leaf keeps its own
+    statistics (``clip_by_leaf_norm(optclip.ema())`` is AdaGC, arXiv:2502.11034).
+
+    Numerics are those of ``clip_by_global_norm``, leaf by leaf.
+
+    Args:
+      max_norm: the threshold: a number, a JAX scalar, a schedule ``step -> threshold``, or an adaptive rule
+        (run once per leaf). A run-time value below 0 or NaN acts as 0.
+      ord: the norm, 1, 2 or ``inf``.
+      name: the prefix of this clip's statistics in ``optclip.stats``.
+
+    Returns:
+      An ``optax.GradientTransformation``; its statistics are the largest leaf ``norm``, the smallest
+      ``threshold`` and ``scale``, the largest ``norm_after`` and the fraction of leaves ``clipped``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_leaf_norm(1.0)
+      >>> grads = {"w": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> print(updates["w"], updates["b"])
+      [0.6 0.8] [0.5]
+      >>> print(optclip.stats(state)["clip_by_leaf_norm/clipped"])
+      0.5
+    """
+    rule = as_rule(max_norm, "max_norm")
+    check_ord(ord)
+    check_name(name)
+
+    def init_fn(params):
+        num_leaves = len(jax.tree.leaves(params))
+        rule_state = _stack_init(rule, num_leaves)
+        metrics = _zero_metrics(_leaf_rule_metrics(rule, rule_state, num_leaves))
+        return ClipState(jnp.zeros((), jnp.int32), rule_state, make_stats(name, metrics))
+
+    def update_fn(updates, state, params=None):
+        del params
+        _check_float_leaves(updates, name)
+        leaves, treedef = jax.tree.flatten(updates)
+        parts = _norms.leaf_norm_parts(leaves, ord)
+        thresholds, rule_state = _leafwise_rule_update(rule, parts.value(), state.rule_state, state.count)
+        scaling = _scaling(parts, thresholds)
+        clipped = [_scaled(x, scaling.first[i], scaling.second[i]) for i, x in enumerate(leaves)]
+        metrics = {
+            "norm": jnp.max(scaling.norm, initial=0.0),
+            "threshold": jnp.min(thresholds, initial=jnp.inf),
+            "scale": jnp.min(scaling.scale, initial=1.0),
+            "norm_after": jnp.max(scaling.norm_after, initial=0.0),
+            "clipped": jnp.mean(scaling.clipped) if leaves else 0.0,
+            **_leaf_rule_metrics(rule, rule_state, len(leaves)),
+        }
+        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics))
+        return jax.tree.unflatten(treedef, clipped), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _bound(value: Any, count: Array) -> Array:
+    return jnp.asarray(value(count) if callable(value) else value)
+
+
+def clip_by_value(
+    max_value: float | Array | Callable[[Array], Any],
+    *,
+    min_value: float | Array | Callable[[Array], Any] | None = None,
+    name: str = "clip_by_value",
+) -> optax.GradientTransformation:
+    r"""Clamp every gradient entry to ``[-max_value, max_value]``, or to ``[min_value, max_value]``.
+
+    .. math:: g_{\ell j} \leftarrow \min(\max(g_{\ell j}, a), b), \qquad (a, b) = (-c, c) \text{ or } (c_{min}, c)
+
+    This is Keras ``clipvalue``, ``torch.nn.utils.clip_grad_value_``, ``tf.clip_by_value`` and ``optax.clip``
+    (Mikolov 2012, "Statistical language models based on neural networks", the first use in RNN training). It
+    changes the direction of the gradient; the norm clips do not. +-Inf entries become the bounds, NaN stays NaN.
+
+    Args:
+      max_value: the upper bound ``c`` (and ``-c`` the lower one when ``min_value`` is not given): a number, a JAX
+        scalar or a schedule ``step -> bound``. Symmetric bounds need ``c >= 0``.
+      min_value: the lower bound, at most ``max_value``; a number, a JAX scalar or a schedule.
+      name: the prefix of this clip's statistics in ``optclip.stats``.
+
+    Returns:
+      An ``optax.GradientTransformation``; its statistics are the global 2-norm before (``norm``) and after
+      (``norm_after``), their ratio ``scale``, ``threshold = max_value`` and the fraction of entries ``clipped``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_value(1.0)
+      >>> updates, state = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(jnp.zeros(3)))
+      >>> print(updates)
+      [-1.   0.5  1. ]
+      >>> print(optclip.stats(state)["clip_by_value/clipped"])  # two of the three entries
+      0.6666667
+    """
+    if min_value is None:
+        if not callable(max_value):
+            check_non_negative(max_value, "max_value")
+    else:
+        for value, arg in ((max_value, "max_value"), (min_value, "min_value")):
+            if not callable(value):
+                check_finite(value, arg)
+        if not callable(max_value) and not callable(min_value):
+            low, high = concrete_float(min_value), concrete_float(max_value)
+            if low is not None and high is not None and low > high:
+                raise ValueError(
+                    f"min_value must be at most max_value, got min_value={min_value!r} > max_value={max_value!r}"
+                )
+    check_name(name)
+
+    def init_fn(params):
+        del params
+        return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, _zero_metrics({})))
+
+    def update_fn(updates, state, params=None):
+        del params
+        _check_float_leaves(updates, name)
+        high = _bound(max_value, state.count)
+        low = -high if min_value is None else _bound(min_value, state.count)
+        leaves, treedef = jax.tree.flatten(updates)
+        bounds = [(low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
+        clipped = [jnp.clip(x, lo, hi) for x, (lo, hi) in zip(leaves, bounds)]
+        outside = sum(jnp.sum((x < lo) | (x > hi), dtype=jnp.float32) for x, (lo, hi) in zip(leaves, bounds))
+        size = max(sum(x.size for x in leaves), 1)
+        norm = _norms.global_norm_parts(leaves, 2).value()
+        norm_after = _norms.global_norm_parts(clipped, 2).value()
+        scale = jnp.where(norm > 0, norm_after / jnp.where(norm > 0, norm, 1.0), 1.0)
+        metrics = {"norm": norm, "threshold": high, "scale": scale, "norm_after": norm_after, "clipped": outside / size}
+        new_state = ClipState(optax.safe_int32_increment(state.count), (), make_stats(name, metrics))
+        return jax.tree.unflatten(treedef, clipped), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The input dims of each output unit for JAX layouts: (in, out) kernels, HWIO and DHWIO convolutions."""
+    rank = len(shape)
+    if rank <= 1:
+        return None
+    if rank in (2, 3):
+        return (0,)
+    if rank in (4, 5):
+        return tuple(range(rank - 1))
+    raise ValueError(
+        f"adaptive_grad_clip: no default units for a rank-{rank} parameter of shape {shape}; "
+        "pass axis= (the dims to reduce over for each unit)"
+    )
+
+
+def _unit_axes(axis: UnitAxes, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    if axis is None:
+        return _default_unit_axes(shape)
+    chosen = axis(shape) if callable(axis) else axis
+    return None if chosen is None else tuple(np.atleast_1d(chosen).tolist())
+
+
+def adaptive_grad_clip(
+    clipping: float | Array | Callable[[Array], Any],
+    *,
+    eps: float = 1e-3,
+    axis: UnitAxes = None,
+    name: str = "adaptive_grad_clip",
+) -> optax.GradientTransformation:
+    r"""Unit-wise adaptive gradient clipping (AGC): clip each unit's gradient relative to its weights' norm.
+
+    For every output unit :math:`i` of every parameter, with :math:`W_i` its weights and :math:`G_i` their gradient,
+
+    .. math:: G_i \leftarrow G_i \cdot \min\Big(1, \frac{\lambda \max(\|W_i\|_2, \epsilon)}{\|G_i\|_2}\Big)
+
+    (Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization", arXiv:2102.06171;
+    ``optax.adaptive_grad_clip``). Units by default: a scalar or vector is one unit; rank 2-3 reduces over axis 0
+    (JAX's (in, out) kernels); rank 4-5 over every axis but the last (HWIO / DHWIO convolutions). The NFNets recipe
+    leaves the final classifier unclipped: use ``optax.masked`` for that.
+
+    Args:
+      clipping: the ratio :math:`\lambda \ge 0` (0.01 in the paper for batch 4096): a number, a JAX scalar or a
+        schedule.
+      eps: the floor :math:`\epsilon \ge 0` on the weight norm, so that zero-initialised parameters can move.
+      axis: the dims each unit reduces over, for every leaf: an int or tuple, or a function ``shape -> axes``;
+        ``None`` uses the defaults above (and raises for rank 6 and up).
+      name: the prefix of this clip's statistics in ``optclip.stats``.
+
+    Returns:
+      An ``optax.GradientTransformation`` that needs ``params`` in ``update``. Its statistics: ``norm`` is the
+      largest ratio :math:`\|G_i\| / \max(\|W_i\|, \epsilon)`, ``threshold`` is :math:`\lambda`, ``scale`` the
+      smallest unit scale, ``norm_after`` the largest ratio after clipping, ``clipped`` the fraction of units.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.adaptive_grad_clip(0.1)
+      >>> params = {"kernel": jnp.ones((2, 2))}  # two units (columns), each of weight norm sqrt(2)
+      >>> grads = {"kernel": jnp.array([[1.0, 0.01], [1.0, 0.01]])}
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> print(updates["kernel"].round(3))  # the first column's norm sqrt(2) is cut to 0.1 * sqrt(2)
+      [[0.1  0.01]
+       [0.1  0.01]]
+    """
+    rule = as_rule(clipping, "clipping", stateful=False)
+    check_non_negative(eps, "eps")
+    check_name(name)
+
+    def init_fn(params):
+        del params
+        return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, _zero_metrics({})))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{name}: adaptive_grad_clip needs params; call tx.update(grads, state, params)")
+        _check_float_leaves(updates, name)
+        ratio, _ = rule.update(jnp.float32(0), (), state.count)
+        ratio = non_negative(ratio)
+        # None/MaskedNode gradients (frozen parameters) have a parameter beside them: pair them up, then skip them.
+        slots, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
+        present = [i for i, g in enumerate(slots) if g is not None]
+        grad_leaves = [slots[i] for i in present]
+        param_slots = treedef.flatten_up_to(params)
+        param_leaves = [param_slots[i] for i in present]
+        axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
+        grad_parts = _norms.unit_norm_parts(grad_leaves, 2, axes)
+        param_norms = [p.value() for p in _norms.unit_norm_parts(param_leaves, 2, axes)]
+        floors = [jnp.maximum(p, jnp.float32(eps)) for p in param_norms]
+        scalings = [_scaling(g, ratio * floor) for g, floor in zip(grad_parts, floors)]
+        for i, x, s in zip(present, grad_leaves, scalings):
+            slots[i] = _scaled(x, s.first, s.second)
+        units = max(sum(s.clipped.size for s in scalings), 1)
+
+        def largest(values):
+            return jnp.max(jnp.stack([jnp.max(v) for v in values])) if values else jnp.float32(0)
+
+        metrics = {
+            "norm": largest([s.norm / f for s, f in zip(scalings, floors)]),
+            "threshold": ratio,
+            "scale": -largest([-s.scale for s in scalings]) if scalings else jnp.float32(1),
+            "norm_after": largest([s.norm_after / f for s, f in zip(scalings, floors)]),
+            "clipped": sum(jnp.sum(s.clipped, dtype=jnp.float32) for s in scalings) / units,
+        }
+        new_state = ClipState(optax.safe_int32_increment(state.count), (), make_stats(name, metrics))
+        return jax.tree.unflatten(treedef, slots), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
