@@ -4,10 +4,12 @@ Every norm clip is the same four steps (DESIGN.md): a scope measures norms, a ru
 ``scale = min(1, threshold / norm)``, and the gradients are multiplied by the scale. Only the scope differs between
 ``clip_by_global_norm``, ``clip_by_leaf_norm`` and ``adaptive_grad_clip``; the rule is whatever the user passed.
 
-Non-finite gradients: a norm clip passes a gradient with a NaN or Inf entry through unchanged (its norm is not
-finite, so there is nothing sensible to scale by); the statistics show the non-finite norm and a rule's state is
-left as it was. ``clip_by_value`` maps +-Inf to the bounds and passes NaN through, like ``torch.clamp`` and
-``optax.clip``. Wrap the chain in ``optclip.skip_nonfinite`` to skip such steps instead.
+Non-finite gradients: a norm clip passes what it measures one norm over through unchanged when that holds a NaN or
+Inf entry (its norm is not finite, so there is nothing sensible to scale by): the whole gradient for the global
+norm, the leaf or the unit for the leaf and unit scopes, whose other leaves or units are clipped as usual. The
+statistics show the non-finite norm and a rule's state is left as it was. ``clip_by_value`` maps +-Inf to the
+bounds and passes NaN through, like ``torch.clamp`` and ``optax.clip``. Wrap the chain in ``optclip.skip_nonfinite``
+to skip such steps instead.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from optclip import _norms
 from optclip._norms import NormParts
 from optclip._rules import ThresholdRule, as_rule, guarded_update, non_negative
 from optclip._stats import ClipStats, make_stats
-from optclip._validation import check_finite, check_name, check_non_negative, check_ord, concrete_float
+from optclip._validation import ORDS, check_finite, check_name, check_non_negative, check_ord, concrete_float
 
 Array = jax.Array
 Threshold = float | Array | Callable[[Array], Any] | ThresholdRule
@@ -34,7 +36,15 @@ _CLIP_METRICS = ("norm", "threshold", "scale", "norm_after", "clipped")
 
 
 class ClipState(NamedTuple):
-    """State of every clip: the update count (for schedules), the threshold rule's state, the last statistics."""
+    """State of every clip: the update count (for schedules), the threshold rule's state, the last statistics.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.clip_by_global_norm(1.0)
+      >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init({"w": jnp.zeros(2)}))
+      >>> int(state.count), round(float(state.stats.by_name["clip_by_global_norm"]["scale"]), 4)
+      (1, 0.2)
+    """
 
     count: Array
     rule_state: Any
@@ -42,7 +52,7 @@ class ClipState(NamedTuple):
 
 
 class _Scaling(NamedTuple):
-    """``x -> x * first * second``: the clip scale in two factors, so that no factor is a flushed denormal."""
+    """``x -> (x * first) * second``: the clip scale in two factors, so that no factor is a flushed denormal."""
 
     first: Array
     second: Array
@@ -52,23 +62,43 @@ class _Scaling(NamedTuple):
     clipped: Array  # bool: the norm was finite and above the threshold
 
 
+# The smallest e with 0.5 * 2**e a normal float32: the floor of ``first``'s exponent.
+_LOWEST_NORMAL_EXPONENT = int(np.finfo(np.float32).minexp) + 1
+
+
+def _unit_mantissa(x: Array) -> tuple[Array, Array]:
+    """``x = m * 2**e`` with ``m`` in [0.5, 1) (0 for 0); ``e`` carries no gradient, ``m`` all of it."""
+    exponent = jnp.frexp(jax.lax.stop_gradient(x))[1]
+    return _norms.times_pow2(x, -exponent), exponent
+
+
 def _scaling(parts: NormParts, threshold: Array) -> _Scaling:
     """The clip of a norm (any shape) to ``threshold`` (broadcastable), exact for norms beyond float32's range.
 
-    With ``norm = r * 2**k`` and ``r`` in [0.5, 1): ``x * threshold / norm = (x * 2**-k1) * (threshold * 2**-k2 / r)``
-    where ``k1 + k2 = k``: each factor stays a normal float even when ``threshold / norm`` would not.
+    With ``norm = r * 2**k`` and ``threshold = t * 2**j`` (``r, t`` in [0.5, 1)) the scale is ``(t / r) * 2**(j - k)``.
+    It is applied as ``(x * first) * second``, ``first = (t / r) * 2**e`` with the largest ``e <= j - k`` that keeps
+    ``first`` a normal float and ``second = 2**(j - k - e)``. So ``second`` is 1 unless the scale itself is below
+    float32's range (a norm near 3e38 clipped to a small threshold), and ``x * first`` underflows only where
+    ``x * scale`` does: splitting a representable scale in two would flush small entries of a large gradient.
     """
     norm = parts.value()
     finite = jnp.isfinite(parts.mantissa)
     clipped = finite & (norm > threshold)
-    apply = clipped | (finite & (threshold == 0))  # a zero threshold zeroes even an underflowed norm
-    renormalised = jnp.frexp(jax.lax.stop_gradient(jnp.where(finite, parts.mantissa, 1.0)))[1]
-    mantissa = _norms.times_pow2(parts.mantissa, -renormalised)
-    exponent = jnp.where(apply, parts.exponent + renormalised, 0)
-    low = exponent // 2
-    first = jnp.where(apply, jnp.ldexp(jnp.float32(1), -low), 1.0)
-    safe_mantissa = jnp.where(apply & (mantissa > 0), mantissa, 1.0)
-    second = jnp.where(apply, _norms.times_pow2(threshold, low - exponent) / safe_mantissa, 1.0)
+    zero = finite & (threshold == 0)  # a zero threshold zeroes even an underflowed norm
+    rescale = clipped & ~zero
+    # Where a branch is not taken its inputs are 1, so that no inf or NaN reaches jax.grad through jnp.where.
+    r, k = _unit_mantissa(jnp.where(rescale, parts.mantissa, 1.0))
+    t, j = _unit_mantissa(jnp.where(rescale, threshold, 1.0).astype(jnp.float32))
+    exponent = jnp.where(rescale, j - k - parts.exponent, 0)  # <= 1: the scale is below 1 where it applies
+    first_exponent = jnp.clip(exponent, _LOWEST_NORMAL_EXPONENT, 1)
+    # Each factor ends in a divide or a pow, ops XLA computes once: ending in selects, a factor was recomputed inside
+    # the update fusion of every leaf (in leaf scope the whole vector of them, in each), and compile time grew with
+    # it. (t * 2**e) / r is exactly (t / r) * 2**e: both are normal floats. Where not rescaled, exponent is 0: second 1.
+    first = jnp.where(zero, 0.0, jnp.where(rescale, _norms.times_pow2(t, first_exponent), 1.0)) / jnp.where(
+        rescale, r, 1.0
+    )
+    second = _norms.pow2(exponent - first_exponent)
+    apply = clipped | zero
     return _Scaling(first, second, norm, first * second, jnp.where(apply, threshold, norm), clipped)
 
 
@@ -100,6 +130,17 @@ def _leafwise_rule_update(rule: ThresholdRule, norms: Array, rule_state: Any, co
     return jax.vmap(lambda norm, state: guarded_update(rule, norm, state, count))(norms, rule_state)
 
 
+def _parts_for_ord(ord: Any, norm_parts: Callable[[float], Any]) -> Any:
+    """``norm_parts(ord)``. ``optax.inject_hyperparams`` injects every number, ``ord`` too, so under ``jax.jit`` it
+    can arrive as a tracer: then ``lax.switch`` picks the norm at run time (a value other than 1 or inf acts as 2).
+    """
+    static = concrete_float(ord)
+    if static is not None:
+        return norm_parts(static)
+    index = jnp.where(ord == 1, 0, jnp.where(ord == jnp.inf, 2, 1))
+    return jax.lax.switch(index, [lambda o=o: norm_parts(o) for o in ORDS])
+
+
 def _stack_init(rule: ThresholdRule, num: int) -> Any:
     return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (num, *jnp.shape(x))), rule.init())
 
@@ -124,7 +165,8 @@ def clip_by_global_norm(
     Args:
       max_norm: the threshold ``c_t >= 0``: a number, a JAX scalar, a schedule ``step -> threshold``, or an adaptive
         rule (``optclip.percentile()``, ``optclip.zscore()``, ...). A run-time value below 0 or NaN acts as 0.
-      ord: the norm, 1, 2 or ``inf``.
+      ord: the norm, 1, 2 or ``inf``. Under ``optax.inject_hyperparams`` it is injected like any number and
+        chosen at run time (a run-time value other than 1 or ``inf`` acts as 2).
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
@@ -153,7 +195,7 @@ def clip_by_global_norm(
         del params
         _check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
-        parts = _norms.global_norm_parts(leaves, ord)
+        parts = _parts_for_ord(ord, lambda o: _norms.global_norm_parts(leaves, o))
         threshold, rule_state = guarded_update(rule, parts.value(), state.rule_state, state.count)
         scaling = _scaling(parts, threshold)
         clipped = [_scaled(x, scaling.first, scaling.second) for x in leaves]
@@ -188,7 +230,8 @@ def clip_by_leaf_norm(
     Args:
       max_norm: the threshold: a number, a JAX scalar, a schedule ``step -> threshold``, or an adaptive rule
         (run once per leaf). A run-time value below 0 or NaN acts as 0.
-      ord: the norm, 1, 2 or ``inf``.
+      ord: the norm, 1, 2 or ``inf``. Under ``optax.inject_hyperparams`` it is injected like any number and
+        chosen at run time (a run-time value other than 1 or ``inf`` acts as 2).
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
@@ -219,7 +262,7 @@ def clip_by_leaf_norm(
         del params
         _check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
-        parts = _norms.leaf_norm_parts(leaves, ord)
+        parts = _parts_for_ord(ord, lambda o: _norms.leaf_norm_parts(leaves, o))
         thresholds, rule_state = _leafwise_rule_update(rule, parts.value(), state.rule_state, state.count)
         scaling = _scaling(parts, thresholds)
         clipped = [_scaled(x, scaling.first[i], scaling.second[i]) for i, x in enumerate(leaves)]
@@ -257,8 +300,10 @@ def clip_by_value(
 
     Args:
       max_value: the upper bound ``c`` (and ``-c`` the lower one when ``min_value`` is not given): a number, a JAX
-        scalar or a schedule ``step -> bound``. Symmetric bounds need ``c >= 0``.
-      min_value: the lower bound, at most ``max_value``; a number, a JAX scalar or a schedule.
+        scalar or a schedule ``step -> bound``. Symmetric bounds need ``c >= 0``; a run-time ``c`` below 0 or NaN
+        acts as 0 (every entry becomes 0).
+      min_value: the lower bound, at most ``max_value``; a number, a JAX scalar or a schedule. Run-time bounds with
+        ``min_value > max_value`` follow ``jnp.clip``: every entry becomes ``max_value``.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
@@ -297,20 +342,70 @@ def clip_by_value(
         del params
         _check_float_leaves(updates, name)
         high = _bound(max_value, state.count)
-        low = -high if min_value is None else _bound(min_value, state.count)
+        if min_value is None:
+            high = non_negative(high)  # a run-time bound cannot raise: [-c, c] with c < 0 or NaN acts as [0, 0]
+            low = -high
+        else:
+            low = _bound(min_value, state.count)
         leaves, treedef = jax.tree.flatten(updates)
         bounds = [(low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
         clipped = [jnp.clip(x, lo, hi) for x, (lo, hi) in zip(leaves, bounds)]
-        outside = sum(jnp.sum((x < lo) | (x > hi), dtype=jnp.float32) for x, (lo, hi) in zip(leaves, bounds))
+        # The statistics carry no gradient (jax.grad cannot go through a variadic reduction anyway).
+        measured = [jax.lax.stop_gradient(x) for x in leaves]
+        squares, squares_after, outside = _value_clip_sums(measured, bounds)
         size = max(sum(x.size for x in leaves), 1)
-        norm = _norms.global_norm_parts(leaves, 2).value()
-        norm_after = _norms.global_norm_parts(clipped, 2).value()
+
+        rescue = _norms._needs_rescale(jnp.stack([squares, squares_after]), zero_suspect=True)
+        plain = (_norms._root(squares, 2), _norms._root(squares_after, 2))
+        norm, norm_after = jax.lax.cond(
+            rescue, lambda _: _exact_value_clip_norms(measured, bounds), lambda _: plain, None
+        )
         scale = jnp.where(norm > 0, norm_after / jnp.where(norm > 0, norm, 1.0), 1.0)
         metrics = {"norm": norm, "threshold": high, "scale": scale, "norm_after": norm_after, "clipped": outside / size}
         new_state = ClipState(optax.safe_int32_increment(state.count), (), make_stats(name, metrics))
         return jax.tree.unflatten(treedef, clipped), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sums(terms: Sequence[Array], combine: Callable[[Array, Array], Array] = jnp.add) -> list[Array]:
+    """``combine``-reductions of same-shaped arrays over all their dims, in one variadic reduction (one read)."""
+    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
+    dims = tuple(range(terms[0].ndim))
+    return list(jax.lax.reduce(tuple(terms), zeros, lambda a, b: tuple(map(combine, a, b)), dims))
+
+
+def _value_clip_sums(leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]]) -> tuple[Array, Array, Array]:
+    """Over all leaves: the sums of squares before and after the clamp and the number of entries outside the bounds.
+
+    One variadic reduction per leaf reads it once for all three. Three reductions would read it three times, and
+    XLA:CPU writes out a clamped copy of the leaf for each reduction whose bounds it shares with a same-shaped leaf.
+    """
+    totals = [jnp.float32(0)] * 3
+    for x, (lo, hi) in zip(leaves, bounds):
+        before, after = _norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi))
+        outside = ((x < lo) | (x > hi)).astype(jnp.float32)
+        sums = _sums([before * before, after * after, outside])
+        totals = [t + v.astype(jnp.float32) for t, v in zip(totals, sums)]
+    return totals[0], totals[1], totals[2]
+
+
+def _exact_value_clip_norms(leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
+    """The 2-norms before and after the clamp where a sum of squares over- or underflowed (the rare path): each
+    sum is taken again with the entries divided by the power of two of its largest magnitude, as
+    ``global_norm_parts`` does, in two variadic reads of each leaf.
+    """
+    if not leaves:
+        return jnp.float32(0), jnp.float32(0)
+    pairs = [(_norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi))) for x, (lo, hi) in zip(leaves, bounds)]
+    peaks = [_sums(pair, jnp.maximum) for pair in pairs]
+    exponents = [_norms._peak_exponent(jnp.max(jnp.stack([p[i].astype(jnp.float32) for p in peaks]))) for i in (0, 1)]
+    totals = [jnp.float32(0)] * 2
+    for pair in pairs:
+        scaled = [_norms.times_pow2(v, -e) for v, e in zip(pair, exponents)]
+        totals = [t + s.astype(jnp.float32) for t, s in zip(totals, _sums([v * v for v in scaled]))]
+    norms = [_norms.NormParts(_norms._root(t, 2), e).value() for t, e in zip(totals, exponents)]
+    return norms[0], norms[1]
 
 
 def _default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -329,6 +424,11 @@ def _default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def _unit_axes(axis: UnitAxes, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    if isinstance(axis, jax.core.Tracer):
+        raise ValueError(
+            "adaptive_grad_clip: axis arrived as a traced value, as optax.inject_hyperparams makes of a plain int; "
+            "pass it as a tuple (axis=(0,)) or name it in static_args=('axis',)"
+        )
     if axis is None:
         return _default_unit_axes(shape)
     chosen = axis(shape) if callable(axis) else axis
@@ -355,9 +455,11 @@ def adaptive_grad_clip(
 
     Args:
       clipping: the ratio :math:`\lambda \ge 0` (0.01 in the paper for batch 4096): a number, a JAX scalar or a
-        schedule.
-      eps: the floor :math:`\epsilon \ge 0` on the weight norm, so that zero-initialised parameters can move.
-      axis: the dims each unit reduces over, for every leaf: an int or tuple, or a function ``shape -> axes``;
+        schedule. A run-time value below 0 or NaN acts as 0.
+      eps: the floor :math:`\epsilon \ge 0` on the weight norm, so that zero-initialised parameters can move. A
+        run-time value below 0 or NaN acts as 0.
+      axis: the dims each unit reduces over, for every leaf: an int or tuple, or a function ``shape -> axes``
+        (under ``optax.inject_hyperparams`` pass a tuple or ``static_args=("axis",)``: a plain int is injected);
         ``None`` uses the defaults above (and raises for rank 6 and up).
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
@@ -399,7 +501,7 @@ def adaptive_grad_clip(
         axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
         grad_parts = _norms.unit_norm_parts(grad_leaves, 2, axes)
         param_norms = [p.value() for p in _norms.unit_norm_parts(param_leaves, 2, axes)]
-        floors = [jnp.maximum(p, jnp.float32(eps)) for p in param_norms]
+        floors = [jnp.maximum(p, non_negative(eps)) for p in param_norms]  # a run-time eps < 0 or NaN acts as 0
         scalings = [_scaling(g, ratio * floor) for g, floor in zip(grad_parts, floors)]
         for i, x, s in zip(present, grad_leaves, scalings):
             slots[i] = _scaled(x, s.first, s.second)

@@ -6,6 +6,12 @@ Three promises shape this module (DESIGN.md, "Numerics"):
 * Finite inputs give a finite, correct result even where the sum of powers overflows (float32 entries near 3e38)
   or underflows. The sum is recomputed with every entry divided by a power of two near the largest magnitude, but
   only on that rare path (one ``lax.cond`` per call), so the common path costs one reduction per array.
+  A sum that underflowed completely is exactly 0, like the sum of an all-zero array, and only a second read can
+  tell them apart. The global norm pays that read when the whole gradient sums to 0 (a rare step); the per-leaf
+  and per-unit norms do not, because an all-zero leaf or unit (a dead ReLU unit, an unused parameter) is common and
+  would pay it on every step. So a leaf or unit whose entries are all below about ``2**-63 ~ 1e-19`` (ord 2; for
+  ord 1 and inf only float32 denormals) reads as norm 0: it is left unchanged by any threshold above its true norm
+  and zeroed by a threshold of 0, but a threshold strictly between 0 and that tiny norm is not honoured.
 * No square root or division happens at exactly zero, so ``jax.grad`` through a norm of zeros stays finite.
 
 Internally a norm is carried as ``NormParts(mantissa, exponent)`` with ``norm = mantissa * 2**exponent``, so that a
@@ -44,9 +50,18 @@ class NormParts(NamedTuple):
 def times_pow2(x: Array, exponent: Array) -> Array:
     """``x * 2**exponent`` exactly, in two factors so that neither is a denormal flushed to zero."""
     exponent = jnp.asarray(exponent, jnp.int32)
-    half = exponent // 2
-    one = jnp.ones((), x.dtype)
-    return x * jnp.ldexp(one, half) * jnp.ldexp(one, exponent - half)
+    half = exponent >> 1  # floor(exponent / 2) in one op
+    return x * pow2(half, x.dtype) * pow2(exponent - half, x.dtype)
+
+
+def pow2(exponent: Array, dtype: Any = jnp.float32) -> Array:
+    """``2.0**exponent`` in ``dtype``, bit for bit ``jnp.ldexp(1, exponent)``, as a single ``pow``.
+
+    XLA copies cheap scalar ops into every fusion that reads their result, and ``jnp.ldexp`` is about fifteen of
+    them: a clip scale built from it was recomputed inside the update of every leaf, which made compile time grow
+    several-fold on trees of hundreds of leaves. A ``pow`` is computed once and read.
+    """
+    return jnp.asarray(2, dtype) ** jnp.asarray(exponent).astype(dtype)
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
@@ -60,12 +75,15 @@ def _magnitude(x: Array) -> Array:
 
 def _power_sum(x: Array, ord: float, axis: Axes, exponent: Array | None = None) -> Array:
     """``sum(|x / 2**exponent| ** ord)`` over ``axis`` (kept as size-1 dims); max for ``ord = inf``."""
-    magnitude = _magnitude(x)
+    real = not jnp.issubdtype(x.dtype, jnp.complexfloating)
+    # Real entries are scaled before their absolute value is taken (the same numbers: the factors are powers of two),
+    # so that a rescue's peak, max(|x|), and its sum share no |x| array, which XLA would write out in full.
+    value = x.astype(accumulation_dtype(x.dtype)) if real else _magnitude(x)
     if exponent is not None:
-        magnitude = times_pow2(magnitude, -exponent)
+        value = times_pow2(value, -exponent)
     if ord == np.inf:
-        return jnp.max(magnitude, axis=axis, keepdims=True, initial=0.0)
-    powered = magnitude if ord == 1 else magnitude * magnitude
+        return jnp.max(jnp.abs(value), axis=axis, keepdims=True, initial=0.0)
+    powered = jnp.abs(value) if ord == 1 else value * value
     return jnp.sum(powered, axis=axis, keepdims=True)
 
 
@@ -83,16 +101,32 @@ def _root(power_sum: Array, ord: float) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, power_sum, 1.0)), power_sum)
 
 
-def _needs_rescale(power_sum: Array) -> Array:
-    return jnp.any((power_sum == jnp.inf) | ((power_sum > 0) & (power_sum < _UNDERFLOW_GUARD)))
+def _needs_rescale(power_sum: Array, zero_suspect: bool) -> Array:
+    low = power_sum >= 0 if zero_suspect else power_sum > 0
+    return jnp.any((power_sum == jnp.inf) | (low & (power_sum < _UNDERFLOW_GUARD)))
 
 
-def _with_rescue(common: Sequence[Array], rescue, operands) -> list[Array]:
-    """``common`` unless any power sum over- or underflowed; then ``rescue(operands)`` (one ``lax.cond``)."""
-    trigger = jnp.any(jnp.stack([_needs_rescale(s) for s in common])) if common else jnp.bool_(False)
+def _with_rescue(common: Sequence[Array], rescue, operands, zero_suspect: bool = False) -> list[Array]:
+    """``common`` unless any power sum over- or underflowed; then ``rescue(operands)`` (one ``lax.cond``).
+
+    ``zero_suspect``: a sum of exactly 0 may be a complete underflow too (see the module docstring).
+    """
+    trigger = jnp.any(jnp.stack([_needs_rescale(s, zero_suspect) for s in common])) if common else jnp.bool_(False)
     return jax.lax.cond(
         trigger, rescue, lambda _: (list(common), [jnp.zeros_like(s, jnp.int32) for s in common]), operands
     )
+
+
+def _rescaled_sums(xs: Sequence[Array], ord: float, axes: Sequence[Axes]) -> tuple[list[Array], list[Array]]:
+    """The rescue: each array's power sum over its axes with every entry divided by ``2**e``, ``e`` the binary
+    exponent of the largest magnitude it is reduced with (0 where that is zero or not finite), and those ``e``.
+
+    Each array gets its own exponent, computed from its own peak by the same ops: XLA:CPU compiles a kernel once
+    for all arrays of one shape when their code is the same, and a power of two shared by same-shaped arrays would
+    be broadcast once and written out in full.
+    """
+    exponents = [_peak_exponent(_power_sum(x, np.inf, axis)) for x, axis in zip(xs, axes)]
+    return [_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)], exponents
 
 
 def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
@@ -106,11 +140,7 @@ def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
     if ord == np.inf or not arrays:
         return [NormParts(s, jnp.zeros_like(s, jnp.int32)) for s in sums]
 
-    def rescue(xs):
-        exponents = [_peak_exponent(_power_sum(x, np.inf, axis)) for x, axis in zip(xs, axes)]
-        return [_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)], exponents
-
-    sums, exponents = _with_rescue(sums, rescue, list(arrays))
+    sums, exponents = _with_rescue(sums, lambda xs: _rescaled_sums(xs, ord, axes), list(arrays))
     return [NormParts(_root(s, ord), e) for s, e in zip(sums, exponents)]
 
 
@@ -137,12 +167,21 @@ def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
     total = sum(sums[1:], sums[0])
 
     def rescue(xs):
-        peak = jnp.max(jnp.stack([_power_sum(x, np.inf, None).reshape(()).astype(jnp.float32) for x in xs]))
-        exponent = _peak_exponent(peak)
-        rescaled = [_power_sum(x, ord, None, exponent).reshape(()).astype(jnp.float32) for x in xs]
-        return [sum(rescaled[1:], rescaled[0])], [exponent]
+        # Each leaf rescaled by its own peak, then every sum brought to the largest peak's exponent: the same numbers
+        # as one shared power of two (scaling by powers of two is exact), without one broadcast of that power
+        # shared by all same-shaped leaves, which XLA writes out in full.
+        sums, exponents = _rescaled_sums(xs, ord, [None] * len(xs))
+        sums = [s.reshape(()).astype(jnp.float32) for s in sums]
+        exponents = jnp.stack([e.reshape(()) for e in exponents])
+        usable = jnp.stack([jnp.isfinite(s) & (s > 0) for s in sums])
+        top = jnp.max(jnp.where(usable, exponents, jnp.iinfo(jnp.int32).min))
+        # The exponent of the global peak: 0 where it is not a finite positive number, as _peak_exponent gives.
+        top = jnp.where(jnp.all(jnp.stack([jnp.isfinite(s) for s in sums])) & jnp.any(usable), top, 0)
+        shifts = jnp.where(usable, (1 if ord == 1 else 2) * (exponents - top), 0)
+        rescaled = times_pow2(jnp.stack(sums), shifts)  # one vector op, not one per leaf
+        return [sum((rescaled[i] for i in range(1, len(sums))), rescaled[0])], [top]
 
-    (total,), (exponent,) = _with_rescue([total], rescue, list(leaves))
+    (total,), (exponent,) = _with_rescue([total], rescue, list(leaves), zero_suspect=True)
     return NormParts(_root(total, ord), exponent)
 
 

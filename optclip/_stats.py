@@ -15,13 +15,21 @@ class ClipStats(NamedTuple):
 
     The name is a dict key, so it is part of the tree structure (static under ``jax.jit``) while every value stays
     a plain array that checkpoints and shards like any other state.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> state = optclip.clip_by_leaf_norm(1.0, name="enc").init({"w": jnp.zeros(2)})
+      >>> {name: sorted(metrics) for name, metrics in state.stats.by_name.items()}
+      {'enc': ['clipped', 'norm', 'norm_after', 'scale', 'threshold']}
     """
 
     by_name: dict[str, dict[str, Array]]
 
 
 def make_stats(name: str, metrics: dict[str, Any]) -> ClipStats:
-    return ClipStats({name: {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}})
+    # jnp.array copies: a metric that is also a rule-state leaf must not share its buffer, or a jitted step that
+    # donates the state fails with "donate the same buffer twice".
+    return ClipStats({name: {key: jnp.array(value, jnp.float32) for key, value in metrics.items()}})
 
 
 def _plain(value: Any) -> Any:

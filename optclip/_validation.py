@@ -18,9 +18,14 @@ ORDS = (1, 2, math.inf)
 
 
 def concrete_float(value: Any) -> float | None:
-    """``float(value)`` for a concrete scalar, ``None`` for a tracer; ``ValueError`` for a non-scalar array."""
+    """``float(value)`` for a concrete scalar, ``None`` for a tracer; ``ValueError`` for anything else.
+
+    Strings and bools are refused although ``float()`` takes them: ``max_norm="1"`` or ``True`` is a bug upstream.
+    """
     if isinstance(value, jax.core.Tracer):
         return None
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise ValueError(f"expected a number, got {value!r}")
     if np.ndim(value) != 0:
         raise ValueError(f"expected a scalar, got an array of shape {np.shape(value)}: {value!r}")
     return float(value)
@@ -46,7 +51,12 @@ def check_finite(value: Any, arg: str) -> None:
 
 
 def check_ord(ord: Any, arg: str = "ord") -> None:
-    if isinstance(ord, bool) or ord not in ORDS:
+    """1, 2 or inf. A tracer passes: ``optax.inject_hyperparams`` injects every number, ``ord`` included."""
+    try:
+        number = concrete_float(ord)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{arg} must be 1, 2 or inf, got {ord!r}") from err
+    if number is not None and number not in ORDS:
         raise ValueError(f"{arg} must be 1, 2 or inf, got {ord!r}")
 
 

@@ -34,3 +34,13 @@ def test_chain_trains_and_reports(kind):
     stats = optclip.stats(state)
     assert set(stats) == {f"{kind}/{metric}" for metric in METRICS}
     assert float(stats[f"{kind}/clipped"]) > 0
+
+
+CORE_MODULES = ("optclip._clipping", "optclip._norms", "optclip._stats")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in optclip.__all__ if getattr(optclip, n).__module__ in CORE_MODULES))
+def test_public_core_docstrings_carry_a_runnable_example(name):
+    # pyproject runs these as doctests (--doctest-modules); this checks that each one has an example to run.
+    doc = getattr(optclip, name).__doc__ or ""
+    assert ">>> " in doc and "Example" in doc, name

@@ -1,0 +1,189 @@
+"""Safe norms (optclip/_norms.py): exact against float64, float32 accumulation, overflow and underflow rescue."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _reference import INF, as64, norm64
+
+import optclip
+from optclip import _norms
+
+ORDS = (1, 2, INF)
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _tree(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(), (3,), (2, 3), (2, 1, 3), (1, 2, 2, 3)]
+    return {
+        f"x{i}": jnp.asarray(rng.normal(size=s) * 10.0 ** rng.integers(-3, 4), jnp.float32)
+        for i, s in enumerate(shapes)
+    }
+
+
+def _parts64(parts: _norms.NormParts) -> np.ndarray:
+    """A norm that may exceed float32's range, read exactly in float64."""
+    return as64(parts.mantissa) * 2.0 ** np.asarray(parts.exponent, np.float64)
+
+
+def _eqns(jaxpr, inside_cond=False):
+    """Every equation of a jaxpr with whether it sits inside a ``cond`` branch, sub-jaxprs included."""
+    for eqn in jaxpr.eqns:
+        yield eqn, inside_cond
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (list, tuple)) else [param]
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner, inside_cond or eqn.primitive.name == "cond")
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_global_norm_matches_float64(ord):
+    tree = _tree()
+    expected = norm64([as64(x) for x in jax.tree.leaves(tree)], ord)
+    np.testing.assert_allclose(float(optclip.global_norm(tree, ord)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_leaf_and_unit_norms_match_float64(ord):
+    leaves = jax.tree.leaves(_tree(1))
+    per_leaf = _norms.leaf_norm_parts(leaves, ord)
+    np.testing.assert_allclose(_parts64(per_leaf), [norm64([as64(x)], ord) for x in leaves], rtol=1e-6)
+    kernel = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3, 5)), jnp.float32)
+    (unit,) = _norms.unit_norm_parts([kernel], ord, [(0, 1)])
+    assert unit.mantissa.shape == (1, 1, 5)  # reduced dims kept, so the norm broadcasts against its array
+    np.testing.assert_allclose(_parts64(unit), norm64([as64(kernel)], ord, axis=(0, 1))[None, None], rtol=1e-6)
+
+
+def test_empty_tree_has_norm_zero():
+    assert float(optclip.global_norm({})) == 0.0
+    assert _norms.leaf_norm_parts([], 2).mantissa.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_norms_accumulate_in_float32(dtype):
+    # 1e3 is exact in both; its square 1e6 overflows f16 (max 65504), so an f16 accumulation reads inf.
+    x = jnp.full((64,), 1e3, dtype)
+    if dtype == jnp.float16:
+        assert float(jnp.sqrt(jnp.sum(x * x))) == np.inf
+    np.testing.assert_allclose(float(optclip.global_norm({"x": x})), 8e3, rtol=1e-6)
+    np.testing.assert_allclose(_parts64(_norms.leaf_norm_parts([x], 2)), [8e3], rtol=1e-6)
+    # Every reduction over the gradient reads it as float32, on the common path and in the rescue alike.
+    for ord in ORDS:
+        jaxpr = jax.make_jaxpr(lambda t, ord=ord: optclip.global_norm(t, ord))({"x": x}).jaxpr
+        reductions = [
+            e for e, _ in _eqns(jaxpr) if e.primitive.name.startswith("reduce_") and e.invars[0].aval.size > 1
+        ]
+        assert reductions, ord
+        assert all(e.invars[0].aval.dtype == jnp.float32 for e in reductions), ord
+
+
+def test_bfloat16_sum_of_many_entries_is_exact():
+    # 4096 ones: a bf16 running sum stops at 256 (its 8-bit significand); float32 holds 4096 exactly.
+    x = jnp.ones((4096,), jnp.bfloat16)
+    assert float(optclip.global_norm(x)) == 64.0
+    assert float(optclip.global_norm(x, 1)) == 4096.0
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_huge_float32_entries_give_the_exact_norm(ord):
+    leaves = [jnp.array([3e38, -1e38], jnp.float32), jnp.array([[2.5e38], [F32_MAX]], jnp.float32)]
+    expected = norm64([as64(x) for x in leaves], ord)
+    assert expected > F32_MAX or ord == INF  # beyond float32 range: only the (mantissa, exponent) form holds it
+    np.testing.assert_allclose(_parts64(_norms.global_norm_parts(leaves, ord)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        _parts64(_norms.leaf_norm_parts(leaves, ord)), [norm64([as64(x)], ord) for x in leaves], rtol=1e-6
+    )
+    kernel = jnp.array([[3e38, 1.0], [3e38, -2.0]], jnp.float32)
+    (unit,) = _norms.unit_norm_parts([kernel], ord, [(0,)])
+    np.testing.assert_allclose(_parts64(unit)[0], norm64([as64(kernel)], ord, axis=0), rtol=1e-6)
+
+
+def test_huge_norm_within_range_is_a_finite_float():
+    value = optclip.global_norm({"w": jnp.array([3e38, 1e38], jnp.float32)})
+    assert jnp.isfinite(value)
+    np.testing.assert_allclose(float(value), np.hypot(3e38, 1e38), rtol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e-17, 1e-25, 1e-30, 1e-37])
+@pytest.mark.parametrize("ord", ORDS)
+def test_tiny_float32_entries_give_the_exact_global_norm(magnitude, ord):
+    # 1e-17: squares partly underflow (a rescue on a tiny sum); 1e-25 and below: every square is 0 in float32.
+    x = jnp.asarray(np.array([1.0, -0.5, 0.25]) * magnitude, jnp.float32)
+    np.testing.assert_allclose(float(optclip.global_norm({"x": x}, ord)), norm64([as64(x)], ord), rtol=1e-6)
+
+
+def test_tiny_float32_entries_give_the_exact_leaf_norm_when_the_sum_is_not_zero():
+    x = jnp.asarray(np.array([1.0, -0.5, 0.25]) * 1e-17, jnp.float32)  # squares ~1e-34: a partial underflow
+    np.testing.assert_allclose(_parts64(_norms.leaf_norm_parts([x], 2)), [norm64([as64(x)])], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_gradient_of_norm_is_finite_at_zero(ord):
+    grad = jax.jit(jax.grad(lambda x: optclip.global_norm({"x": x}, ord)))(jnp.zeros(3))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    if ord == 2:  # and the usual x / ||x|| elsewhere
+        x = jnp.array([3.0, 0.0, 4.0])
+        np.testing.assert_allclose(jax.grad(lambda x: optclip.global_norm(x))(x), x / 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_non_finite_entries_propagate(ord):
+    assert np.isnan(float(optclip.global_norm({"a": jnp.array([1.0, jnp.nan]), "b": jnp.ones(2)}, ord)))
+    assert float(optclip.global_norm({"a": jnp.array([1.0, -jnp.inf]), "b": jnp.ones(2)}, ord)) == np.inf
+
+
+@pytest.mark.parametrize("ord", (1, 2))
+def test_rescue_is_a_cond_off_the_common_path(ord):
+    tree = {"a": jnp.ones((4, 3)), "b": jnp.ones(5), "c": jnp.ones((2, 2, 2))}
+    jaxpr = jax.make_jaxpr(lambda t: optclip.global_norm(t, ord))(tree).jaxpr
+    full = [
+        (e, inside)
+        for e, inside in _eqns(jaxpr)
+        if e.primitive.name.startswith("reduce_") and e.invars[0].aval.size > 1
+    ]
+    outside = [e.primitive.name for e, inside in full if not inside]
+    assert outside == ["reduce_sum"] * len(tree)  # the common path: one reduction per array, nothing more
+    assert any(e.primitive.name == "reduce_max" for e, inside in full if inside)  # the peak: rescue only
+    assert [e.primitive.name for e in jaxpr.eqns].count("cond") == 1
+
+
+@pytest.mark.parametrize("ord", (1, 2))
+def test_rescue_runs_only_when_a_sum_overflows_or_underflows(monkeypatch, ord):
+    calls = []
+    peak_exponent = _norms._peak_exponent
+
+    def counted(peak):
+        jax.debug.callback(lambda: calls.append(1))  # fires only if the branch holding it executes
+        return peak_exponent(peak)
+
+    monkeypatch.setattr(_norms, "_peak_exponent", counted)
+    norm = jax.jit(lambda t: _norms.global_norm_parts(t, ord).value())
+    np.testing.assert_allclose(float(norm([jnp.array([3.0, 4.0])])), 7.0 if ord == 1 else 5.0, rtol=1e-6)
+    jax.effects_barrier()
+    assert calls == []
+    assert np.isfinite(_parts64(_norms.global_norm_parts([jnp.array([3e38, 3e38])], ord)))
+    jax.effects_barrier()
+    assert calls
+
+
+def test_times_pow2_is_exact_where_one_power_would_not_be():
+    # 2**-200 is not a float32 (it flushes to 0), yet 2**100 * 2**-200 = 2**-100 is.
+    assert float(_norms.times_pow2(jnp.float32(2.0**100), jnp.int32(-200))) == 2.0**-100
+    assert float(_norms.times_pow2(jnp.float32(0.75), jnp.int32(128))) == 0.75 * 2.0**128
+    parts = _norms.NormParts(jnp.float32(0.5), jnp.int32(3))
+    assert float(parts.value()) == 4.0
+
+
+def test_accumulation_dtype_is_at_least_float32():
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        assert _norms.accumulation_dtype(dtype) == jnp.float32
+    assert _norms.accumulation_dtype(np.float64) == np.float64
+
+
+@pytest.mark.parametrize("ord", [0, 3, -1, 2.5, "fro", None, True])
+def test_unknown_ord_is_refused(ord):
+    with pytest.raises(ValueError, match="ord must be 1, 2 or inf"):
+        optclip.global_norm({"x": jnp.ones(2)}, ord)
