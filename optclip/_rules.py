@@ -13,6 +13,7 @@ The protocol, for a rule object ``rule``:
 * ``rule.stats(state) -> dict[str, Array]``: scalars the rule wants logged beside the clip's own statistics.
 
 A rule is deliberately not callable: ``optax.inject_hyperparams`` treats callables as schedules.
+The adaptive rules (``percentile``, ``zscore``, ``ema``, ``quantile``) live in ``optclip._adaptive``.
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ def non_negative(threshold: Array) -> Array:
 
 
 def guarded_update(rule: ThresholdRule, norm: Array, state: Any, count: Array) -> tuple[Array, Any]:
-    """``rule.update``, but a non-finite norm leaves the rule's state exactly as it was."""
+    """``rule.update``, but a non-finite norm leaves the rule's state exactly as it was.
+
+    ``norm`` may be a vector (``optclip.quantile`` takes per-example norms): then any non-finite entry keeps the
+    state, which stays the shape of one rule's state either way.
+    """
     threshold, new_state = rule.update(norm, state, count)
-    finite = jnp.isfinite(norm)
+    finite = jnp.all(jnp.isfinite(norm))
     kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return non_negative(threshold), kept
