@@ -4,8 +4,11 @@ Every clip is an ``optax.GradientTransformation``: chain it before an optimizer,
 with ``optclip.stats(state)``.
 """
 
+from optclip._adaptive import adagc, autoclip, ema, percentile, quantile, zclip, zscore
 from optclip._clipping import ClipState, adaptive_grad_clip, clip_by_global_norm, clip_by_leaf_norm, clip_by_value
+from optclip._guards import skip_nonfinite, skip_on_spike
 from optclip._norms import global_norm
+from optclip._per_example import clip_per_example
 from optclip._rules import Constant, FromSchedule, ThresholdRule
 from optclip._stats import ClipStats, stats
 
@@ -17,10 +20,20 @@ __all__ = [
     "Constant",
     "FromSchedule",
     "ThresholdRule",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
+    "clip_per_example",
+    "ema",
     "global_norm",
+    "percentile",
+    "quantile",
+    "skip_nonfinite",
+    "skip_on_spike",
     "stats",
+    "zclip",
+    "zscore",
 ]
