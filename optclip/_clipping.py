@@ -451,7 +451,9 @@ def adaptive_grad_clip(
     (Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization", arXiv:2102.06171;
     ``optax.adaptive_grad_clip``). Units by default: a scalar or vector is one unit; rank 2-3 reduces over axis 0
     (JAX's (in, out) kernels); rank 4-5 over every axis but the last (HWIO / DHWIO convolutions). The NFNets recipe
-    leaves the final classifier unclipped: use ``optax.masked`` for that.
+    leaves the final classifier unclipped: use ``optax.masked`` for that. Units follow the shape as it is: a
+    ``(1, C)`` kernel has C units of one weight each, where ``optax.adaptive_grad_clip`` squeezes size-1 dims first
+    and treats it as one unit.
 
     Args:
       clipping: the ratio :math:`\lambda \ge 0` (0.01 in the paper for batch 4096): a number, a JAX scalar or a
