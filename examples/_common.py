@@ -1,0 +1,511 @@
+"""What the three example scripts share: the clipping methods, the train step, logging, the figure and the table.
+
+Each script (``bptt_lstm.py``, ``exploding_mlp.py``, ``sequential_digits.py``) defines its data, its model and its
+loop; everything that would otherwise be copied between them lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optclip
+
+# Each method maps the parsed CLI to a clip (None: no clipping). An adaptive rule from optclip is one more line here;
+# a method whose optclip function does not exist yet (see ``_REQUIRES``) is simply not offered.
+CLIPS: dict[str, Callable[[argparse.Namespace], optax.GradientTransformation | None]] = {
+    "none": lambda args: None,
+    "value": lambda args: optclip.clip_by_value(args.clip_value),
+    "leaf": lambda args: optclip.clip_by_leaf_norm(args.leaf_norm),
+    "global": lambda args: optclip.clip_by_global_norm(args.global_norm),
+    "agc": lambda args: optclip.adaptive_grad_clip(args.agc),
+    "autoclip": lambda args: optclip.autoclip(),
+    "zclip": lambda args: optclip.zclip(),
+}
+_REQUIRES = {"autoclip": "autoclip", "zclip": "zclip"}
+
+# What each method means, for --help and the tables.
+DESCRIPTIONS = {
+    "none": "no clipping",
+    "value": "clip_by_value(--clip-value)",
+    "leaf": "clip_by_leaf_norm(--leaf-norm)",
+    "global": "clip_by_global_norm(--global-norm)",
+    "agc": "adaptive_grad_clip(--agc)",
+    "autoclip": "autoclip() (AutoClip, 10th percentile)",
+    "zclip": "zclip() (ZClip, z-score 2.5)",
+}
+
+
+def available_methods() -> list[str]:
+    """The methods this optclip provides, in table order."""
+    return [name for name in CLIPS if name not in _REQUIRES or hasattr(optclip, _REQUIRES[name])]
+
+
+def make_clip(method: str, args: argparse.Namespace) -> optax.GradientTransformation | None:
+    """The clip a method name stands for, with its threshold from the CLI; None for ``"none"``."""
+    if method not in available_methods():
+        raise ValueError(f"unknown or unavailable method {method!r}; choose from {available_methods()}")
+    return CLIPS[method](args)
+
+
+def make_optimizer(name: str, learning_rate: float, momentum: float) -> optax.GradientTransformation:
+    """SGD (with heavy-ball momentum unless it is 0) or Adam with default betas."""
+    if name == "sgd":
+        return optax.sgd(learning_rate, momentum=momentum or None)
+    if name == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {name!r}")
+
+
+def make_nnx_optimizer(
+    model: nnx.Module, method: str, optimizer: optax.GradientTransformation, args: argparse.Namespace
+) -> nnx.Optimizer:
+    """``nnx.Optimizer`` over the model's parameters with ``optax.chain(<clip>, <optimizer>)``."""
+    clip = make_clip(method, args)
+    tx = optimizer if clip is None else optax.chain(clip, optimizer)
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@functools.partial(nnx.jit, static_argnames="loss_fn")
+def train_step(
+    model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array, loss_fn: Callable[..., jax.Array]
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """One update; returns the loss, the global 2-norm of the raw gradient and the clip statistics."""
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    optimizer.update(model, grads)
+    return loss, optclip.global_norm(grads), optclip.stats(optimizer)
+
+
+def bind_step(
+    model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable[..., jax.Array]
+) -> Callable[[np.ndarray, np.ndarray], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    """``train_step`` for this model and optimizer, called as ``step(x, y)``.
+
+    ``nnx.cached_partial`` walks the two object graphs once instead of on every call: on these small models that
+    halves the time of a step (the result is the same, to the bit)."""
+    return functools.partial(nnx.cached_partial(train_step, model, optimizer), loss_fn=loss_fn)
+
+
+def step_record(loss: Any, grad_norm: Any, clip_stats: dict[str, Any]) -> dict[str, float | None]:
+    """The per-step JSONL fields. ``norm``, ``norm_after``, ``threshold`` and ``clipped`` come from
+    ``optclip.stats`` (``norm`` is the clip's own pre-clip measure: the largest leaf norm for ``leaf``, the largest
+    gradient-to-weight ratio for ``agc``); ``grad_norm`` is the global norm of the raw gradient for every method.
+    Without a clip, nothing is clipped and the norms are the raw gradient's."""
+    record = {"loss": float(loss), "grad_norm": float(grad_norm)}
+    if clip_stats:
+        record.update({key.split("/", 1)[1]: float(value) for key, value in clip_stats.items()})
+    else:
+        record.update(norm=record["grad_norm"], norm_after=record["grad_norm"], threshold=None, clipped=0.0)
+    return record
+
+
+@dataclasses.dataclass
+class Curve:
+    """One run's per-step history, kept for the figure."""
+
+    loss: list[float] = dataclasses.field(default_factory=list)
+    grad_norm: list[float] = dataclasses.field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.loss.append(record["loss"])
+        self.grad_norm.append(record["grad_norm"])
+
+
+@dataclasses.dataclass
+class Tracker:
+    """What the tables report of one run: steps, non-finite steps, the largest gradient norm, divergence."""
+
+    total_steps: int  # the most steps the run may take
+    steps: int = 0
+    nonfinite_steps: int = 0  # steps with a non-finite loss or gradient (a diverged run: every step it had left)
+    max_grad_norm: float = 0.0  # the largest finite gradient norm seen
+    clipped_steps: int = 0  # steps where the clip acted (for a leaf or unit clip: on at least one leaf or unit)
+    diverged_step: int | None = None  # the step after which the parameters were non-finite
+
+    def observe(self, record: dict[str, Any], model: nnx.Module) -> bool:
+        """Count one step; True when the parameters are no longer finite, so that the run should stop."""
+        self.steps += 1
+        if math.isfinite(record["grad_norm"]):
+            self.max_grad_norm = max(self.max_grad_norm, record["grad_norm"])
+        self.clipped_steps += bool(record["clipped"])
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            return False
+        self.nonfinite_steps += 1
+        if finite_params(model):
+            return False
+        # Every later step would be non-finite too: count them, and stop.
+        self.diverged_step = self.steps
+        self.nonfinite_steps += self.total_steps - self.steps
+        return True
+
+
+def finite_params(model: nnx.Module) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def run_step(
+    step: Callable[..., Any],
+    model: nnx.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    tracker: Tracker,
+    log: JsonlWriter,
+    run_id: str,
+) -> tuple[dict[str, Any], bool]:
+    """One training step (``step`` from ``bind_step``), logged to JSONL and counted by ``tracker``; returns the
+    record and whether to stop."""
+    loss, grad_norm, clip_stats = jax.device_get(step(x, y))
+    record = step_record(loss, grad_norm, clip_stats)
+    log.write({"run": run_id, "step": tracker.steps + 1, **record})
+    return record, tracker.observe(record, model)
+
+
+def fit_epochs(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    train: tuple[np.ndarray, np.ndarray],
+    loss_fn: Callable[..., jax.Array],
+    args: argparse.Namespace,
+    *,
+    seed: int,
+    log: JsonlWriter,
+    run_id: str,
+) -> tuple[Tracker, Curve]:
+    """``args.epochs`` epochs of shuffled batches of ``args.batch`` (the last may be smaller); returns the tracker
+    and the per-step curve."""
+    x, y = train
+    rng = np.random.default_rng(seed)
+    step = bind_step(model, optimizer, loss_fn)
+    per_epoch = math.ceil(len(x) / args.batch)
+    tracker, curve = Tracker(args.epochs * per_epoch), Curve()
+    with progress(args.epochs * per_epoch, run_id, args.progress) as bar:
+        for _ in range(args.epochs):
+            for index in batches(rng.permutation(len(x)), args.batch):
+                record, stop = run_step(step, model, x[index], y[index], tracker, log, run_id)
+                curve.add(record)
+                bar.update(1)
+                if stop:
+                    return tracker, curve
+            bar.set_postfix_str(f"loss {curve.loss[-1]:.3g}")
+    return tracker, curve
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; non-finite floats become ``null`` so every line is strict JSON."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("w")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+        self._file.flush()  # a long run can be followed with tail -f
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, script: str, methods: Sequence[str] | None = None) -> None:
+    """--out, --seeds, --methods, the clip thresholds, --quick and --progress."""
+    parser.add_argument(
+        "--out", type=Path, default=Path("examples/out") / script, help="folder for steps.jsonl, summary.md and the PNG"
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ...): initialisation and data")
+    choices = available_methods()
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=choices,
+        default=list(methods or choices),
+        metavar="METHOD",
+        help="clipping methods to compare, from: " + "; ".join(f"{m} = {DESCRIPTIONS[m]}" for m in choices),
+    )
+    parser.add_argument("--clip-value", type=float, default=1.0, help="bound c of clip_by_value (entries in [-c, c])")
+    parser.add_argument("--leaf-norm", type=float, default=1.0, help="threshold of clip_by_leaf_norm (each array)")
+    parser.add_argument("--global-norm", type=float, default=1.0, help="threshold of clip_by_global_norm")
+    parser.add_argument("--agc", type=float, default=0.1, help="ratio lambda of adaptive_grad_clip (unit-wise AGC)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small setting that finishes in minutes on 2 CPU cores (options given explicitly win)",
+    )
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a tqdm progress bar over steps"
+    )
+
+
+def add_recurrent_args(parser: argparse.ArgumentParser, *, forget_bias: float, lr: float, several_lr: bool) -> None:
+    """--hidden, --forget-bias, --optimizer, --lr (one, or a list to sweep), --momentum."""
+    parser.add_argument("--hidden", type=int, default=32, help="hidden units of the recurrent layer")
+    parser.add_argument(
+        "--forget-bias",
+        type=float,
+        default=forget_bias,
+        help="initial LSTM forget-gate bias (1: sigmoid 0.73; 3: sigmoid 0.95, a longer memory at the start)",
+    )
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="the optimizer after the clip")
+    if several_lr:
+        parser.add_argument("--lr", type=float, nargs="+", default=[lr], help="learning rates (several: a sweep)")
+    else:
+        parser.add_argument("--lr", type=float, default=lr, help="learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: plain SGD)")
+
+
+def parse_with_quick(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[str, Any]
+) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, ``quick`` replaces the defaults (options given explicitly still win)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def machine() -> str:
+    """The processor, the cores and the software, for the record."""
+    return (
+        f"{_cpu_name()}, {os.cpu_count()} cores visible; "
+        f"Python {platform.python_version()}, jax {jax.__version__} on {jax.default_backend()}"
+    )
+
+
+class Report:
+    """Times a run and writes ``summary.md``: the command, the date, the machine, the tables."""
+
+    def __init__(self, out: Path, title: str, script: str, argv: Sequence[str] | None) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.title = title
+        script_path = Path(script).resolve()
+        shown = script_path.relative_to(Path.cwd()) if script_path.is_relative_to(Path.cwd()) else script_path
+        self.command = "python " + shlex.join([str(shown), *(sys.argv[1:] if argv is None else argv)])
+        self.load_at_start = _load()
+        self.started = datetime.datetime.now(datetime.timezone.utc)
+        self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
+        self.sections: list[tuple[str, str]] = []
+
+    def add(self, heading: str, table: str) -> None:
+        self.sections.append((heading, table))
+        print(f"\n{heading}\n\n{table}\n", flush=True)
+
+    def write(self, notes: Sequence[str] = ()) -> Path:
+        wall = time.perf_counter() - self._start
+        parts = [
+            f"# {self.title}",
+            "",
+            f"- command: `{self.command}`",
+            f"- date: {self.started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min, "
+            f"CPU time {(time.process_time() - self._cpu_start) / 60:.1f} min (this process, all threads)",
+            f"- machine: {machine()}",
+            f"- load average (1, 5, 15 min; the cores are shared): {self.load_at_start} at the start, "
+            f"{_load()} at the end",
+            *(f"- {note}" for note in notes),
+        ]
+        for heading, table in self.sections:
+            parts += ["", f"## {heading}", "", table]
+        path = self.out / "summary.md"
+        path.write_text("\n".join(parts) + "\n")
+        return path
+
+    def finish(self, notes: Sequence[str] = ()) -> Path:
+        """Write ``summary.md`` for the last time and say so."""
+        path = self.write(notes)
+        print(f"wall time {(time.perf_counter() - self._start) / 60:.1f} min; wrote {path}", flush=True)
+        return path
+
+
+def plot_curves(
+    path: Path,
+    panels: dict[str, dict[str, Curve | list[Curve]]],
+    title: str,
+    x_label: str = "step",
+    steps_per_x: float = 1.0,
+) -> None:
+    """One row per panel, gradient norm (left) and loss (right), log scale; one colour per method (one line per run).
+
+    A run that turned non-finite ends with an ``x`` at its last finite point.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(len(panels), 1)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.2 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (panel, by_method) in enumerate(panels.items()):
+        for col, (field, label) in enumerate((("grad_norm", "gradient norm (before clipping)"), ("loss", "loss"))):
+            ax = axes[row][col]
+            clipped_methods = [method for method in by_method if method != "none"]
+            for method, curves in by_method.items():
+                # The unclipped run is black and on top: an identical clipped run (one whose clip never acted)
+                # would otherwise hide it.
+                unclipped = method == "none"
+                color = "black" if unclipped else colors[clipped_methods.index(method) % len(colors)]
+                for run, curve in enumerate(curves if isinstance(curves, list) else [curves]):
+                    values = np.asarray(getattr(curve, field), dtype=float)
+                    steps = np.arange(1, len(values) + 1) / steps_per_x
+                    values = np.where(values > 0, values, np.nan)  # log scale: zero and NaN are gaps
+                    style = {"lw": 1.0, "zorder": 3, "alpha": 0.9} if unclipped else {"lw": 0.8, "alpha": 0.75}
+                    ax.plot(steps, values, color=color, label=None if run else method, **style)
+                    finite = np.flatnonzero(np.isfinite(values))
+                    if len(values) and not np.isfinite(values[-1]) and len(finite):
+                        ax.plot(steps[finite[-1]], values[finite[-1]], "x", color=color, ms=9, mew=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_label)
+            ax.set_title(f"{panel}: {label}", fontsize=10)
+            ax.grid(True, which="major", alpha=0.3)
+        axes[row][0].legend(fontsize=8, ncol=2)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A table cell: ``-`` for missing, ``nan``/``inf`` spelled out, else ``digits`` significant digits."""
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf"
+    return f"{value:.{digits}g}"
+
+
+def fmt_spread(values: Sequence[float]) -> str:
+    """``median (min-max)`` of the finite values, and how many were not finite (diverged runs)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "nan"
+    text = fmt(float(np.median(finite)))
+    if len(finite) > 1:
+        text += f" ({fmt(min(finite))}-{fmt(max(finite))})"
+    if len(finite) < len(values):
+        text += f", {len(values) - len(finite)} nan"
+    return text
+
+
+TRACKER_HEADERS = ["diverged", "non-finite steps", "largest grad norm", "steps clipped"]
+
+
+def tracker_cells(trackers: Sequence[Tracker]) -> list[str]:
+    """The table cells under ``TRACKER_HEADERS`` for the runs of one method."""
+    steps = max(sum(t.steps for t in trackers), 1)
+    return [
+        f"{sum(t.diverged_step is not None for t in trackers)}/{len(trackers)}",
+        str(sum(t.nonfinite_steps for t in trackers)),
+        fmt(max(t.max_grad_norm for t in trackers)),
+        f"{sum(t.clipped_steps for t in trackers) / steps:.0%}",
+    ]
+
+
+def median_or_none(values: Sequence[float]) -> float | None:
+    return float(np.median(values)) if len(values) else None
+
+
+def batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), size):
+        yield x[start : start + size]
+
+
+def predict(model: nnx.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """The model's outputs on ``x``, evaluated in batches (one compiled shape per batch size)."""
+    return np.concatenate([np.asarray(_forward(model, jnp.asarray(chunk))) for chunk in batches(x, batch_size)])
+
+
+@nnx.jit
+def _forward(model: nnx.Module, x: jax.Array) -> jax.Array:
+    return model(x)
+
+
+def cross_entropy_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def forget_gate_bias(hidden: int, value: float) -> Callable[..., jax.Array]:
+    """Bias init for ``nnx.OptimizedLSTMCell``, whose gates are packed (input, forget, cell, output): ``value`` on
+    the forget gate, 0 elsewhere. A positive forget bias lets the cell remember from the first step (Gers et al.
+    2000; Jozefowicz et al. 2015), which shortens the plateau these tasks start on."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(value)
+
+    return init
+
+
+class SequenceModel(nnx.Module):
+    """A recurrent layer read at the last step by a linear head."""
+
+    def __init__(
+        self, cell: str, inputs: int, hidden: int, outputs: int, *, forget_bias: float = 1.0, rngs: nnx.Rngs
+    ) -> None:
+        if cell == "lstm":
+            bias_init = forget_gate_bias(hidden, forget_bias)
+            recurrent = nnx.OptimizedLSTMCell(inputs, hidden, bias_init=bias_init, rngs=rngs)
+        else:
+            recurrent = nnx.SimpleCell(inputs, hidden, rngs=rngs)
+        self.rnn = nnx.RNN(recurrent)
+        self.head = nnx.Linear(hidden, outputs, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.rnn(x)[:, -1])

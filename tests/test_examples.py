@@ -1,0 +1,234 @@
+"""The example scripts: their data generators match the task definitions, and each runs end to end in-process.
+
+The end-to-end runs use settings smaller than ``--quick`` (seconds each) and check what a run must write: strict
+JSONL per step and per run, a summary table with one row per method, a PNG. ``main(argv)`` is called directly so that
+JAX starts once for the whole file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import optclip
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+import _common
+import bptt_lstm
+import exploding_mlp
+import sequential_digits
+
+SCRIPTS = (bptt_lstm, exploding_mlp, sequential_digits)
+STEP_FIELDS = {"run", "step", "loss", "grad_norm", "norm", "norm_after", "threshold", "clipped"}
+
+
+def _strict(constant: str) -> None:
+    raise ValueError(f"non-standard JSON constant {constant}")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    assert lines, f"{path} is empty"
+    return [json.loads(line, parse_constant=_strict) for line in lines]
+
+
+def check_outputs(out: Path, figure: str, methods: list[str], runs_expected: int) -> tuple[list[dict], list[dict]]:
+    """The files every script writes, well formed; returns the step and run records."""
+    steps, runs = read_jsonl(out / "steps.jsonl"), read_jsonl(out / "runs.jsonl")
+    assert len(runs) == runs_expected
+    for record in steps:
+        assert record.keys() >= STEP_FIELDS
+        assert 0.0 <= record["clipped"] <= 1.0
+    # Every run logged each of its steps once, in order.
+    for run in runs:
+        taken = run.get("tracker", run)["steps"]  # bptt_lstm nests the tracker, the others flatten it
+        assert [r["step"] for r in steps if r["run"] == run["run"]] == list(range(1, taken + 1))
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# ") and "- command:" in summary and "wall time" in summary
+    table_rows = [line for line in summary.splitlines() if line.startswith("| ")]
+    for method in methods:
+        assert any(line.startswith(f"| {method} |") for line in table_rows), method
+    png = (out / figure).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    return steps, runs
+
+
+# ---------------------------------------------------------------------------------------------- data generators
+
+
+@pytest.mark.parametrize("length", [50, 100, 200, 17])
+def test_adding_batch_matches_the_task_definition(length):
+    x, y = bptt_lstm.adding_batch(np.random.default_rng(length), 4000, length)
+    assert x.shape == (4000, length, 2) and x.dtype == np.float32 and y.shape == (4000,)
+    values, markers = x[..., 0], x[..., 1]
+    assert np.all((values >= 0) & (values < 1))
+    assert set(np.unique(markers)) == {0.0, 1.0}
+    assert np.all(markers.sum(axis=1) == 2)
+    positions = np.argsort(-markers, axis=1, kind="stable")[:, :2]  # the two marked steps, earlier first
+    p0, p1 = positions.min(axis=1), positions.max(axis=1)
+    first, second = int(0.1 * length), int(0.5 * length)
+    assert p0.min() == 0 and p0.max() == first - 1  # p0 in [0, 0.1 T), every position drawn
+    assert p1.min() == first and p1.max() == second - 1  # p1 in [0.1 T, 0.5 T)
+    rows = np.arange(len(y))
+    np.testing.assert_allclose(y, values[rows, p0] + values[rows, p1], rtol=1e-6)
+    # The constant answer 1 scores the baseline MSE 1/6 that the table's "beats baseline" column is measured against.
+    assert abs(np.mean((y - 1.0) ** 2) - bptt_lstm.ADDING_BASELINE_MSE) < 0.01
+
+
+@pytest.mark.parametrize("length", [50, 100, 200])
+def test_temporal_order_batch_matches_the_task_definition(length):
+    x, y = bptt_lstm.temporal_order_batch(np.random.default_rng(length), 8000, length)
+    assert x.shape == (8000, length, 6) and x.dtype == np.float32 and y.dtype == np.int32
+    assert np.all(x.sum(axis=-1) == 1)  # one symbol per step
+    symbols = x.argmax(axis=-1)
+    relevant = symbols < 2  # A = 0 or B = 1; everything else is a distractor c-f
+    assert np.all(relevant.sum(axis=1) == 2)
+    band = int(0.1 * length)
+    steps = np.nonzero(relevant)[1].reshape(-1, 2)
+    assert steps[:, 0].min() == band and steps[:, 0].max() == 2 * band - 1  # p0 in [0.1 T, 0.2 T)
+    assert steps[:, 1].min() == int(0.5 * length) and steps[:, 1].max() == int(0.5 * length) + band - 1
+    rows = np.arange(len(y))
+    np.testing.assert_array_equal(y, 2 * symbols[rows, steps[:, 0]] + symbols[rows, steps[:, 1]])  # AA AB BA BB
+    # Four balanced classes: each within 5 standard deviations of a quarter.
+    counts = np.bincount(y, minlength=4)
+    assert np.all(np.abs(counts - 2000) < 5 * math.sqrt(8000 * 0.25 * 0.75)), counts
+    distractors = np.bincount(symbols[~relevant], minlength=6)[2:]
+    assert distractors.min() > 0.24 * distractors.sum()
+
+
+def test_generators_are_reproducible_from_the_seed():
+    for make in (bptt_lstm.adding_batch, bptt_lstm.temporal_order_batch):
+        first, second = make(np.random.default_rng(7), 8, 30), make(np.random.default_rng(7), 8, 30)
+        np.testing.assert_array_equal(first[0], second[0])
+        np.testing.assert_array_equal(first[1], second[1])
+
+
+def test_regression_data_is_the_classic_split():
+    from sklearn.datasets import make_regression
+
+    (x_train, y_train), (x_test, y_test) = exploding_mlp.regression_data()
+    x, y = make_regression(n_samples=1000, n_features=20, noise=0.1, random_state=1)
+    assert x_train.shape == (500, 20) and x_test.shape == (500, 20)
+    np.testing.assert_allclose(np.concatenate([x_train, x_test]), x, rtol=1e-6)
+    np.testing.assert_allclose(np.concatenate([y_train, y_test]), y, rtol=1e-6)
+
+
+def test_digits_data_reads_the_same_images_by_row_and_by_pixel():
+    (rows_x, rows_y), (rows_tx, rows_ty) = sequential_digits.digits_data("rows")
+    (pix_x, pix_y), (pix_tx, _) = sequential_digits.digits_data("pixels")
+    assert rows_x.shape == (1347, 8, 8) and pix_x.shape == (1347, 64, 1) and rows_tx.shape == (450, 8, 8)
+    np.testing.assert_array_equal(rows_x.reshape(-1, 64), pix_x.reshape(-1, 64))
+    np.testing.assert_array_equal(rows_tx.reshape(-1, 64), pix_tx.reshape(-1, 64))
+    np.testing.assert_array_equal(rows_y, pix_y)
+    assert rows_x.min() == 0.0 and rows_x.max() == 1.0
+    # A stratified split: every digit holds the same share of the test set as of the whole set (to one image).
+    totals = np.bincount(np.concatenate([rows_y, rows_ty]), minlength=10)
+    assert np.all(np.abs(np.bincount(rows_ty, minlength=10) - totals * 450 / 1797) <= 1)
+
+
+# ------------------------------------------------------------------------------------------- shared machinery
+
+
+def test_methods_follow_what_optclip_provides():
+    methods = _common.available_methods()
+    assert methods[:5] == ["none", "value", "leaf", "global", "agc"]
+    assert ("autoclip" in methods) == hasattr(optclip, "autoclip")
+    assert ("zclip" in methods) == hasattr(optclip, "zclip")
+    with pytest.raises(ValueError, match="'bogus'"):
+        _common.make_clip("bogus", argparse.Namespace())
+
+
+def test_jsonl_writer_writes_non_finite_floats_as_null(tmp_path):
+    with _common.JsonlWriter(tmp_path / "x.jsonl") as log:
+        log.write({"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
+    assert read_jsonl(tmp_path / "x.jsonl") == [{"a": None, "b": [None, 1.5], "c": {"d": None}}]
+
+
+def test_quick_changes_defaults_but_not_explicit_options():
+    args = bptt_lstm.parse_args(["--quick", "--seeds", "4"])
+    assert args.lengths == bptt_lstm.QUICK["lengths"] and args.steps == bptt_lstm.QUICK["steps"]
+    assert args.seeds == 4
+    assert bptt_lstm.parse_args([]).lengths == [50, 100, 200]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_every_option_is_explained(script, capsys):
+    parser = script.build_parser()
+    for action in parser._actions:
+        assert action.help, f"{script.__name__}: {action.option_strings} has no help"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_bptt_lstm_end_to_end(tmp_path):
+    argv = ["--task", "temporal", "--lengths", "12", "--hidden", "8", "--seeds", "2", "--steps", "30", "--lr", "0.1"]
+    argv += ["--eval-every", "10", "--test-size", "300", "--methods", "none", "global", "--no-progress"]
+    result = bptt_lstm.main([*argv, "--out", str(tmp_path / "a")])
+    steps, runs = check_outputs(tmp_path / "a", "bptt.png", ["none", "global"], runs_expected=4)
+    assert list(result["tables"]) == ["T=12, sgd lr=0.1"]
+    assert [row[0] for row in result["tables"]["T=12, sgd lr=0.1"]] == ["none", "global"]
+    for run in runs:
+        assert run["length"] == 12 and 0.0 <= run["test_score"] <= 1.0
+        assert [step for step, _ in run["evals"]] == list(range(10, run["tracker"]["steps"] + 1, 10))
+    for record in steps:
+        if "-none-" in record["run"]:  # no clip: nothing clipped, the norms are the raw gradient's
+            assert record["threshold"] is None and record["clipped"] == 0.0
+            assert record["norm"] == record["norm_after"] == record["grad_norm"]
+        else:  # optclip.stats of clip_by_global_norm(1.0): its norm is the raw global norm, held to 1
+            assert record["threshold"] == 1.0
+            assert record["norm"] == pytest.approx(record["grad_norm"], rel=1e-5)
+            assert record["norm_after"] == pytest.approx(min(record["norm"], 1.0), rel=1e-5)
+            assert record["clipped"] == float(record["norm"] > 1.0)
+    # Seeded: the same command gives the same numbers.
+    bptt_lstm.main([*argv, "--out", str(tmp_path / "b")])
+    assert read_jsonl(tmp_path / "b" / "steps.jsonl") == steps
+
+
+def test_bptt_lstm_adding_task_reports_the_baseline(tmp_path):
+    argv = ["--task", "adding", "--lengths", "10", "--hidden", "8", "--seeds", "1", "--steps", "20"]
+    argv += ["--eval-every", "10", "--test-size", "200", "--methods", "none", "--no-progress", "--out", str(tmp_path)]
+    result = bptt_lstm.main(argv)
+    check_outputs(tmp_path, "bptt.png", ["none"], runs_expected=1)
+    assert "beats baseline (MSE < 0.167)" in result["headers"]
+    (run,) = read_jsonl(tmp_path / "runs.jsonl")
+    assert run["test_score"] > 0 and run["solved_step"] is None  # 20 steps of training solve nothing
+
+
+def test_exploding_mlp_end_to_end(tmp_path):
+    argv = ["--epochs", "3", "--seeds", "1", "--methods", "none", "global", "--no-progress", "--out", str(tmp_path)]
+    result = exploding_mlp.main(argv)
+    steps, runs = check_outputs(tmp_path, "mlp.png", ["none", "global"], runs_expected=2)
+    by_method = {run["method"]: run for run in runs}
+    # The demo's claim, in miniature: unclipped SGD overflows within three epochs, the clipped run does not.
+    unclipped, clipped = by_method["none"], by_method["global"]
+    assert unclipped["diverged_step"] is not None and unclipped["train_mse"] is None
+    # A diverged run stops; its non-finite steps are those it logged plus every step it had left.
+    logged = [r for r in steps if r["run"] == unclipped["run"] and None in (r["loss"], r["grad_norm"])]
+    assert logged and logged[-1]["step"] == unclipped["diverged_step"] == unclipped["steps"]
+    left = unclipped["total_steps"] - unclipped["steps"]
+    assert unclipped["nonfinite_steps"] == len(logged) + left
+    assert clipped["diverged_step"] is None and clipped["nonfinite_steps"] == 0
+    assert math.isfinite(clipped["train_mse"]) and clipped["clipped_steps"] > 0
+    assert [row[1] for row in result["rows"]] == ["1/1", "0/1"]  # the "diverged" column
+
+
+def test_sequential_digits_end_to_end(tmp_path):
+    argv = ["--variants", "rows", "--epochs", "1", "--seeds", "1", "--hidden", "8", "--methods", "none", "value"]
+    result = sequential_digits.main([*argv, "--no-progress", "--out", str(tmp_path)])
+    _, runs = check_outputs(tmp_path, "digits.png", ["none", "value"], runs_expected=2)
+    assert {run["variant"] for run in runs} == {"rows"}
+    assert all(0.0 <= run["test_accuracy"] <= 1.0 for run in runs)
+    assert all(run["steps"] == math.ceil(1347 / 32) for run in runs)
+    assert [row[0] for row in result["tables"]["rows"]] == ["none", "value"]
