@@ -72,11 +72,14 @@ def temporal_order_batch(rng: np.random.Generator, batch: int, length: int) -> t
 
 
 def mse_loss(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Squared error of the single output read at the last step."""
     return jnp.mean((model(x)[:, 0] - y) ** 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """A task: its input and output sizes, its batch generator, its loss, and how a run is scored and judged."""
+
     inputs: int
     outputs: int
     make_batch: Callable[[np.random.Generator, int, int], tuple[np.ndarray, np.ndarray]]
@@ -102,6 +105,8 @@ TASKS = {
 
 @dataclasses.dataclass
 class RunResult:
+    """One run (a method and a seed), as runs.jsonl records it."""
+
     method: str
     seed: int
     tracker: _common.Tracker
@@ -122,6 +127,7 @@ def train_one(
     log: _common.JsonlWriter,
     run_id: str,
 ) -> tuple[RunResult, _common.Curve]:
+    """Train one method from one seed until the validation set is solved, the parameters diverge, or --steps."""
     model = _common.SequenceModel(
         args.cell, task.inputs, args.hidden, task.outputs, forget_bias=args.forget_bias, rngs=nnx.Rngs(seed)
     )

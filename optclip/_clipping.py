@@ -355,10 +355,13 @@ def clip_by_value(
         squares, squares_after, outside = _value_clip_sums(measured, bounds)
         size = max(sum(x.size for x in leaves), 1)
 
-        rescue = _norms._needs_rescale(jnp.stack([squares, squares_after]), zero_suspect=True)
+        exponents = [_norms.rescue_exponent(s, zero_suspect=True) for s in (squares, squares_after)]
         plain = (_norms._root(squares, 2), _norms._root(squares_after, 2))
         norm, norm_after = jax.lax.cond(
-            rescue, lambda _: _exact_value_clip_norms(measured, bounds), lambda _: plain, None
+            jnp.any(jnp.stack(exponents) != 0),
+            lambda _: _exact_value_clip_norms(measured, bounds, exponents),
+            lambda _: plain,
+            None,
         )
         scale = jnp.where(norm > 0, norm_after / jnp.where(norm > 0, norm, 1.0), 1.0)
         metrics = {"norm": norm, "threshold": high, "scale": scale, "norm_after": norm_after, "clipped": outside / size}
@@ -390,18 +393,16 @@ def _value_clip_sums(leaves: Sequence[Array], bounds: Sequence[tuple[Array, Arra
     return totals[0], totals[1], totals[2]
 
 
-def _exact_value_clip_norms(leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]]) -> tuple[Array, Array]:
+def _exact_value_clip_norms(
+    leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]], exponents: Sequence[Array]
+) -> tuple[Array, Array]:
     """The 2-norms before and after the clamp where a sum of squares over- or underflowed (the rare path): each
-    sum is taken again with the entries divided by the power of two of its largest magnitude, as
-    ``global_norm_parts`` does, in two variadic reads of each leaf.
+    sum is taken again with the entries divided by ``2**exponent`` (``_norms.rescue_exponent``), in one variadic
+    read of each leaf.
     """
-    if not leaves:
-        return jnp.float32(0), jnp.float32(0)
-    pairs = [(_norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi))) for x, (lo, hi) in zip(leaves, bounds)]
-    peaks = [_sums(pair, jnp.maximum) for pair in pairs]
-    exponents = [_norms._peak_exponent(jnp.max(jnp.stack([p[i].astype(jnp.float32) for p in peaks]))) for i in (0, 1)]
     totals = [jnp.float32(0)] * 2
-    for pair in pairs:
+    for x, (lo, hi) in zip(leaves, bounds):
+        pair = (_norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi)))
         scaled = [_norms.times_pow2(v, -e) for v, e in zip(pair, exponents)]
         totals = [t + s.astype(jnp.float32) for t, s in zip(totals, _sums([v * v for v in scaled]))]
     norms = [_norms.NormParts(_norms._root(t, 2), e).value() for t, e in zip(totals, exponents)]

@@ -4,8 +4,9 @@ Three promises shape this module (DESIGN.md, "Numerics"):
 
 * Norms accumulate in at least float32, whatever the gradient dtype: bf16/f16 squares overflow or round badly.
 * Finite inputs give a finite, correct result even where the sum of powers overflows (float32 entries near 3e38)
-  or underflows. The sum is recomputed with every entry divided by a power of two near the largest magnitude, but
-  only on that rare path (one ``lax.cond`` per call), so the common path costs one reduction per array.
+  or underflows. The sum is recomputed with every entry divided by 2**80 (overflow) or multiplied by 2**80
+  (underflow), but only on that rare path (one ``lax.cond`` per call), so the common path costs one reduction per
+  array and the rescue one more.
   A sum that underflowed completely is exactly 0, like the sum of an all-zero array, and only a second read can
   tell them apart. The global norm pays that read when the whole gradient sums to 0 (a rare step); the per-leaf
   and per-unit norms do not, because an all-zero leaf or unit (a dead ReLU unit, an unused parameter) is common and
@@ -94,6 +95,23 @@ def _peak_exponent(peak: Array) -> Array:
     return jnp.where(usable, jnp.frexp(jnp.where(usable, peak, 1.0))[1], 0)
 
 
+# The rescue divides every entry by 2**80 where a sum overflowed and multiplies it by 2**80 where it underflowed.
+# Down: float32's largest entry becomes 2.8e14, whose square summed over 2**31 entries stays finite, and an entry
+# whose scaled square underflows (below 1.3e5) is under 1e-28 of a sum that overflowed. Up: a sum that underflowed
+# has entries below 3e-16, which become at most 4e8, and every normal float32 entry gets a normal square. A fixed
+# power needs no pass to find the peak and no exponent arithmetic per array, which made the rescue branch compile
+# about as slowly as all the rest of a step.
+_RESCUE_EXPONENT = 80
+
+
+def rescue_exponent(power_sum: Array, zero_suspect: bool = False) -> Array:
+    """Per entry of ``power_sum``: 80 where it overflowed, -80 where it may have underflowed, 0 elsewhere."""
+    power_sum = jax.lax.stop_gradient(power_sum)
+    low = power_sum >= 0 if zero_suspect else power_sum > 0
+    underflow = low & (power_sum < _UNDERFLOW_GUARD)
+    return jnp.where(power_sum == jnp.inf, _RESCUE_EXPONENT, jnp.where(underflow, -_RESCUE_EXPONENT, 0))
+
+
 def _root(power_sum: Array, ord: float) -> Array:
     if ord != 2:
         return power_sum
@@ -102,31 +120,22 @@ def _root(power_sum: Array, ord: float) -> Array:
 
 
 def _needs_rescale(power_sum: Array, zero_suspect: bool) -> Array:
-    low = power_sum >= 0 if zero_suspect else power_sum > 0
-    return jnp.any((power_sum == jnp.inf) | (low & (power_sum < _UNDERFLOW_GUARD)))
+    return jnp.any(rescue_exponent(power_sum, zero_suspect) != 0)
 
 
 def _with_rescue(common: Sequence[Array], rescue, operands, zero_suspect: bool = False) -> list[Array]:
-    """``common`` unless any power sum over- or underflowed; then ``rescue(operands)`` (one ``lax.cond``).
+    """``common`` unless any power sum over- or underflowed; then ``rescue(operands, exponents)`` (one ``lax.cond``),
+    ``exponents`` being ``rescue_exponent`` of each common sum.
 
     ``zero_suspect``: a sum of exactly 0 may be a complete underflow too (see the module docstring).
     """
-    trigger = jnp.any(jnp.stack([_needs_rescale(s, zero_suspect) for s in common])) if common else jnp.bool_(False)
+    if not common:
+        return [], []
+    exponents = [rescue_exponent(s, zero_suspect) for s in common]
+    trigger = jnp.any(jnp.stack([jnp.any(e != 0) for e in exponents]))
     return jax.lax.cond(
-        trigger, rescue, lambda _: (list(common), [jnp.zeros_like(s, jnp.int32) for s in common]), operands
+        trigger, rescue, lambda *_: (list(common), [jnp.zeros_like(s, jnp.int32) for s in common]), operands, exponents
     )
-
-
-def _rescaled_sums(xs: Sequence[Array], ord: float, axes: Sequence[Axes]) -> tuple[list[Array], list[Array]]:
-    """The rescue: each array's power sum over its axes with every entry divided by ``2**e``, ``e`` the binary
-    exponent of the largest magnitude it is reduced with (0 where that is zero or not finite), and those ``e``.
-
-    Each array gets its own exponent, computed from its own peak by the same ops: XLA:CPU compiles a kernel once
-    for all arrays of one shape when their code is the same, and a power of two shared by same-shaped arrays would
-    be broadcast once and written out in full.
-    """
-    exponents = [_peak_exponent(_power_sum(x, np.inf, axis)) for x, axis in zip(xs, axes)]
-    return [_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)], exponents
 
 
 def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
@@ -140,7 +149,10 @@ def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
     if ord == np.inf or not arrays:
         return [NormParts(s, jnp.zeros_like(s, jnp.int32)) for s in sums]
 
-    sums, exponents = _with_rescue(sums, lambda xs: _rescaled_sums(xs, ord, axes), list(arrays))
+    def rescue(xs, exponents):
+        return [_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)], exponents
+
+    sums, exponents = _with_rescue(sums, rescue, list(arrays))
     return [NormParts(_root(s, ord), e) for s, e in zip(sums, exponents)]
 
 
@@ -166,20 +178,10 @@ def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
         return NormParts(jnp.max(jnp.stack(sums)), jnp.zeros((), jnp.int32))
     total = sum(sums[1:], sums[0])
 
-    def rescue(xs):
-        # Each leaf rescaled by its own peak, then every sum brought to the largest peak's exponent: the same numbers
-        # as one shared power of two (scaling by powers of two is exact), without one broadcast of that power
-        # shared by all same-shaped leaves, which XLA writes out in full.
-        sums, exponents = _rescaled_sums(xs, ord, [None] * len(xs))
-        sums = [s.reshape(()).astype(jnp.float32) for s in sums]
-        exponents = jnp.stack([e.reshape(()) for e in exponents])
-        usable = jnp.stack([jnp.isfinite(s) & (s > 0) for s in sums])
-        top = jnp.max(jnp.where(usable, exponents, jnp.iinfo(jnp.int32).min))
-        # The exponent of the global peak: 0 where it is not a finite positive number, as _peak_exponent gives.
-        top = jnp.where(jnp.all(jnp.stack([jnp.isfinite(s) for s in sums])) & jnp.any(usable), top, 0)
-        shifts = jnp.where(usable, (1 if ord == 1 else 2) * (exponents - top), 0)
-        rescaled = times_pow2(jnp.stack(sums), shifts)  # one vector op, not one per leaf
-        return [sum((rescaled[i] for i in range(1, len(sums))), rescaled[0])], [top]
+    def rescue(xs, exponents):
+        (exponent,) = exponents
+        rescaled = [_power_sum(x, ord, None, exponent).reshape(()).astype(jnp.float32) for x in xs]
+        return [sum(rescaled[1:], rescaled[0])], [exponent]
 
     (total,), (exponent,) = _with_rescue([total], rescue, list(leaves), zero_suspect=True)
     return NormParts(_root(total, ord), exponent)
