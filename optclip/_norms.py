@@ -131,11 +131,17 @@ def _with_rescue(common: Sequence[Array], rescue, operands, zero_suspect: bool =
     """
     if not common:
         return [], []
-    exponents = [rescue_exponent(s, zero_suspect) for s in common]
-    trigger = jnp.any(jnp.stack([jnp.any(e != 0) for e in exponents]))
-    return jax.lax.cond(
-        trigger, rescue, lambda *_: (list(common), [jnp.zeros_like(s, jnp.int32) for s in common]), operands, exponents
-    )
+    trigger = jnp.any(jnp.stack([_needs_rescale(s, zero_suspect) for s in common]))
+
+    # The exponents are computed inside the branch from the sums it is handed: computed outside, each one is an
+    # array both the trigger and the branch read, which XLA writes out, one more kernel per array on every step.
+    def rescued(xs, sums):
+        return rescue(xs, [rescue_exponent(s, zero_suspect) for s in sums])
+
+    def kept(xs, sums):
+        return list(sums), [jnp.zeros_like(s, jnp.int32) for s in sums]
+
+    return jax.lax.cond(trigger, rescued, kept, operands, list(common))
 
 
 def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
