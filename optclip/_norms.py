@@ -77,22 +77,13 @@ def _magnitude(x: Array) -> Array:
 def _power_sum(x: Array, ord: float, axis: Axes, exponent: Array | None = None) -> Array:
     """``sum(|x / 2**exponent| ** ord)`` over ``axis`` (kept as size-1 dims); max for ``ord = inf``."""
     real = not jnp.issubdtype(x.dtype, jnp.complexfloating)
-    # Real entries are scaled before their absolute value is taken (the same numbers: the factors are powers of two),
-    # so that a rescue's peak, max(|x|), and its sum share no |x| array, which XLA would write out in full.
     value = x.astype(accumulation_dtype(x.dtype)) if real else _magnitude(x)
-    if exponent is not None:
-        value = times_pow2(value, -exponent)
+    if exponent is not None:  # 0 or +-80 (rescue_exponent): 2**-exponent is one normal float
+        value = value * pow2(-exponent, value.dtype)
     if ord == np.inf:
         return jnp.max(jnp.abs(value), axis=axis, keepdims=True, initial=0.0)
     powered = jnp.abs(value) if ord == 1 else value * value
     return jnp.sum(powered, axis=axis, keepdims=True)
-
-
-def _peak_exponent(peak: Array) -> Array:
-    """The binary exponent of the largest magnitude; 0 where it is zero or non-finite (nothing to rescale)."""
-    peak = jax.lax.stop_gradient(peak)
-    usable = jnp.isfinite(peak) & (peak > 0)
-    return jnp.where(usable, jnp.frexp(jnp.where(usable, peak, 1.0))[1], 0)
 
 
 # The rescue divides every entry by 2**80 where a sum overflowed and multiplies it by 2**80 where it underflowed.
@@ -186,7 +177,10 @@ def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
 
     def rescue(xs, exponents):
         (exponent,) = exponents
-        rescaled = [_power_sum(x, ord, None, exponent).reshape(()).astype(jnp.float32) for x in xs]
+        # Each leaf's factor is tied to its own sum (a NaN sum makes the total NaN whatever its factor): one factor
+        # shared by all leaves was broadcast once per leaf shape and written out in full, a leaf-sized temp buffer.
+        own = [jnp.where(jnp.isnan(s), 0, exponent) for s in sums]
+        rescaled = [_power_sum(x, ord, None, e).reshape(()).astype(jnp.float32) for x, e in zip(xs, own)]
         return [sum(rescaled[1:], rescaled[0])], [exponent]
 
     (total,), (exponent,) = _with_rescue([total], rescue, list(leaves), zero_suspect=True)
