@@ -12,9 +12,13 @@ steps ends where the same run with those batches left out ends. Both guards are
 ``optax.GradientTransformationExtraArgs``: ``optax.chain`` hands them the ``loss=`` extra argument, and they hand
 every extra argument on to ``inner``.
 
-The decision is a select (``jnp.where``) over the inner updates and state, not a ``lax.cond``: ``inner`` always
-runs and the select can fuse into it, so a guard costs about one extra read of the gradients (the check) and no
-host round trip (except ``policy="raise"``).
+The decision is a ``lax.cond`` whose taken branch runs ``inner`` and whose other branch hands back zeros and the
+old state. A select (``jnp.where``) over the outputs of an ``inner`` that always runs looks cheaper but is not:
+the consumer of the updates (``optax.apply_updates``) recomputes them from the old state, so XLA cannot update a
+donated state in place and copies all of it every step (measured on CPU, Adam, 10 leaves of 1e6 floats: 3.8x
+the plain step and 1.9 state sizes of scratch, against 2.2x and one parameter size, the updates, for the cond).
+What a guard cannot avoid: one read of the gradients for the check, and the updates leave the conditional as a
+buffer instead of fusing into the parameter update. No host round trip except ``policy="raise"``.
 """
 
 from __future__ import annotations
@@ -91,11 +95,25 @@ class _Step(NamedTuple):
 
 
 def _run_or_skip(skip: Array, inner, updates, state, params, extra_args: dict[str, Any]) -> _Step:
-    """Run ``inner``, then select zero updates and the old inner state where ``skip`` (``jnp.where`` returns the old
-    arrays bit for bit), and advance the skip counters."""
-    new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-    inner_state = jax.tree.map(lambda new, old: jnp.where(skip, old, new), inner_state, state.inner_state)
+    """Run ``inner`` unless ``skip``; a skipped step gives zero updates and the old inner state, bit for bit. Then
+    advance the skip counters."""
+
+    def run():
+        return inner.update(updates, state.inner_state, params, **extra_args)
+
+    def hold():
+        update_shapes, state_shapes = jax.eval_shape(run)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shapes)
+        # Both branches must give the same types; the old state only changes type where inner's update would.
+        old = jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), state.inner_state, state_shapes)
+        return zeros, old
+
+    # ``run`` must be the true branch: with the branches the other way round XLA:CPU copies the donated state in
+    # and out of the conditional (measured: 4.9x the plain Adam step instead of 2.2x, 3 state sizes of scratch).
+    if isinstance(skip, jax.core.Tracer):
+        new_updates, inner_state = jax.lax.cond(~skip, run, hold)
+    else:  # eager, or a policy that never skips: no conditional to compile
+        new_updates, inner_state = hold() if bool(skip) else run()
     consecutive = jnp.where(skip, state.consecutive + 1, 0).astype(jnp.int32)
     return _Step(new_updates, inner_state, consecutive, state.total_skipped + skip.astype(jnp.int32))
 

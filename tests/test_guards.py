@@ -69,6 +69,22 @@ def test_skip_returns_zeros_and_the_inner_state_bit_for_bit(bad, where):
     assert float(stats["clip_by_global_norm/norm"]) == float(optclip.stats(state)["clip_by_global_norm/norm"])
 
 
+@pytest.mark.parametrize("make_guard", [optclip.skip_nonfinite, optclip.skip_on_spike])
+def test_a_donated_state_is_updated_in_place_not_copied(make_guard):
+    """The guard's only scratch is the updates leaving its conditional: a select over the outputs of an inner that
+    always runs makes XLA copy the whole donated state each step (2 Adam moments: twice the parameters)."""
+    params = {f"w{i}": jnp.zeros((256, 256)) for i in range(4)}
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    tx = make_guard(optax.adam(1e-3))
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 1.05 * param_bytes
+
+
 def test_finite_steps_are_exactly_the_inner_transform():
     inner = optax.chain(optclip.clip_by_global_norm(1.0), optax.adam(0.1))
     tx = optclip.skip_nonfinite(inner)
