@@ -154,15 +154,31 @@ def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
 
 
 def leaf_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
-    """One norm per leaf, stacked into vectors of length ``len(leaves)``."""
-    parts = unit_norm_parts(leaves, ord, [None] * len(leaves))
-    if not parts:
+    """One norm per leaf, as vectors of length ``len(leaves)``.
+
+    Past the reduction of each leaf everything is vector arithmetic: the rescue branch hands back two vectors,
+    not two scalars per leaf, and it derives each leaf's exponent from that leaf's own sum, so the rescaled
+    reductions are the same kernel for every leaf of one shape (XLA:CPU compiles such kernels once).
+    """
+    check_ord(ord)
+    if not leaves:
         empty = jnp.zeros((0,), jnp.float32)
         return NormParts(empty, empty.astype(jnp.int32))
-    return NormParts(
-        jnp.stack([p.mantissa.reshape(()).astype(jnp.float32) for p in parts]),
-        jnp.stack([p.exponent.reshape(()) for p in parts]),
-    )
+    sums = [_power_sum(x, ord, None).reshape(()) for x in leaves]
+    stacked = jnp.stack(sums)
+    if ord == np.inf:
+        return NormParts(stacked.astype(jnp.float32), jnp.zeros(stacked.shape, jnp.int32))
+
+    def rescued(xs, sums):
+        exponents = [rescue_exponent(s) for s in sums]
+        rescaled = [_power_sum(x, ord, None, e).reshape(()) for x, e in zip(xs, exponents)]
+        return jnp.stack(rescaled), jnp.stack(exponents)
+
+    def kept(xs, sums):
+        return jnp.stack(sums), jnp.zeros((len(sums),), jnp.int32)
+
+    stacked, exponents = jax.lax.cond(_needs_rescale(stacked, False), rescued, kept, list(leaves), sums)
+    return NormParts(_root(stacked, ord).astype(jnp.float32), exponents)
 
 
 def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
