@@ -153,32 +153,47 @@ def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
     return [NormParts(_root(s, ord), e) for s, e in zip(sums, exponents)]
 
 
-def leaf_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
-    """One norm per leaf, as vectors of length ``len(leaves)``.
+def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
+    """The shape of the norms of an array of ``shape`` over ``axis``: the reduced dims kept, of size 1."""
+    reduced = range(len(shape)) if axis is None else [a % len(shape) for a in np.atleast_1d(axis)]
+    return tuple(1 if d in reduced else n for d, n in enumerate(shape))
 
-    Past the reduction of each leaf everything is vector arithmetic: the rescue branch hands back two vectors,
-    not two scalars per leaf, and it derives each leaf's exponent from that leaf's own sum, so the rescaled
-    reductions are the same kernel for every leaf of one shape (XLA:CPU compiles such kernels once).
+
+def flat_unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> NormParts:
+    """The norms of ``unit_norm_parts``, every array's flattened and concatenated into one float32 vector.
+
+    Past the reduction of each array everything is vector arithmetic: the rescue branch hands back two vectors,
+    not two arrays per leaf, and it derives each array's exponents from that array's own sums, so the rescaled
+    reductions are the same kernel for every array of one shape (XLA:CPU compiles identical kernels once).
     """
     check_ord(ord)
-    if not leaves:
+    if not arrays:
         empty = jnp.zeros((0,), jnp.float32)
         return NormParts(empty, empty.astype(jnp.int32))
-    sums = [_power_sum(x, ord, None).reshape(()) for x in leaves]
-    stacked = jnp.stack(sums)
+    sums = [_power_sum(x, ord, axis) for x, axis in zip(arrays, axes)]
+
+    def flat(values):
+        return jnp.concatenate([jnp.ravel(v) for v in values])
+
     if ord == np.inf:
-        return NormParts(stacked.astype(jnp.float32), jnp.zeros(stacked.shape, jnp.int32))
+        values = flat(sums).astype(jnp.float32)
+        return NormParts(values, jnp.zeros(values.shape, jnp.int32))
 
     def rescued(xs, sums):
         exponents = [rescue_exponent(s) for s in sums]
-        rescaled = [_power_sum(x, ord, None, e).reshape(()) for x, e in zip(xs, exponents)]
-        return jnp.stack(rescaled), jnp.stack(exponents)
+        return flat([_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)]), flat(exponents)
 
     def kept(xs, sums):
-        return jnp.stack(sums), jnp.zeros((len(sums),), jnp.int32)
+        total = flat(sums)
+        return total, jnp.zeros(total.shape, jnp.int32)
 
-    stacked, exponents = jax.lax.cond(_needs_rescale(stacked, False), rescued, kept, list(leaves), sums)
-    return NormParts(_root(stacked, ord).astype(jnp.float32), exponents)
+    total, exponents = jax.lax.cond(_needs_rescale(flat(sums), False), rescued, kept, list(arrays), sums)
+    return NormParts(_root(total, ord).astype(jnp.float32), exponents)
+
+
+def leaf_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
+    """One norm per leaf, as vectors of length ``len(leaves)``."""
+    return flat_unit_norm_parts(leaves, ord, [None] * len(leaves))
 
 
 def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
