@@ -16,7 +16,7 @@ The decision is a ``lax.cond`` whose taken branch runs ``inner`` and whose other
 old state. A select (``jnp.where``) over the outputs of an ``inner`` that always runs looks cheaper but is not:
 the consumer of the updates (``optax.apply_updates``) recomputes them from the old state, so XLA cannot update a
 donated state in place and copies all of it every step (measured on CPU, Adam, 10 leaves of 1e6 floats: 3.8x
-the plain step and 1.9 state sizes of scratch, against 2.2x and one parameter size, the updates, for the cond).
+the plain step and 1.9 parameter sizes of scratch, against 2.2x and one parameter size, the updates, for the cond).
 What a guard cannot avoid: one read of the gradients for the check, and the updates leave the conditional as a
 buffer instead of fusing into the parameter update. No host round trip except ``policy="raise"``.
 """
@@ -109,7 +109,7 @@ def _run_or_skip(skip: Array, inner, updates, state, params, extra_args: dict[st
         return zeros, old
 
     # ``run`` must be the true branch: with the branches the other way round XLA:CPU copies the donated state in
-    # and out of the conditional (measured: 4.9x the plain Adam step instead of 2.2x, 3 state sizes of scratch).
+    # and out of the conditional (measured: 4.9x the plain Adam step instead of 2.2x, 3 parameter sizes of scratch).
     if isinstance(skip, jax.core.Tracer):
         new_updates, inner_state = jax.lax.cond(~skip, run, hold)
     else:  # eager, or a policy that never skips: no conditional to compile
