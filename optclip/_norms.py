@@ -21,6 +21,7 @@ norm beyond float32's range (the 2-norm of two entries of 3e38) can still scale 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -135,24 +136,6 @@ def _with_rescue(common: Sequence[Array], rescue, operands, zero_suspect: bool =
     return jax.lax.cond(trigger, rescued, kept, operands, list(common))
 
 
-def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
-    """Norms of each array over its ``axes`` (``None``: all), as ``NormParts`` with the reduced dims kept.
-
-    One norm per leaf is ``axes = [None] * len(arrays)``; AGC's one norm per output unit reduces over the
-    unit's input dims.
-    """
-    check_ord(ord)
-    sums = [_power_sum(x, ord, axis) for x, axis in zip(arrays, axes)]
-    if ord == np.inf or not arrays:
-        return [NormParts(s, jnp.zeros_like(s, jnp.int32)) for s in sums]
-
-    def rescue(xs, exponents):
-        return [_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)], exponents
-
-    sums, exponents = _with_rescue(sums, rescue, list(arrays))
-    return [NormParts(_root(s, ord), e) for s, e in zip(sums, exponents)]
-
-
 def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
     """The shape of the norms of an array of ``shape`` over ``axis``: the reduced dims kept, of size 1."""
     reduced = range(len(shape)) if axis is None else [a % len(shape) for a in np.atleast_1d(axis)]
@@ -189,6 +172,24 @@ def flat_unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axe
 
     total, exponents = jax.lax.cond(_needs_rescale(flat(sums), False), rescued, kept, list(arrays), sums)
     return NormParts(_root(total, ord).astype(jnp.float32), exponents)
+
+
+def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
+    """Norms of each array over its ``axes`` (``None``: all), as float32 ``NormParts`` with the reduced dims kept:
+    ``flat_unit_norm_parts`` cut back into one block per array.
+
+    One norm per leaf is ``axes = [None] * len(arrays)``; AGC's one norm per output unit reduces over the
+    unit's input dims.
+    """
+    flat = flat_unit_norm_parts(arrays, ord, axes)
+    parts, start = [], 0
+    for x, axis in zip(arrays, axes):
+        shape = unit_shape(jnp.shape(x), axis)
+        size = math.prod(shape)
+        block = slice(start, start + size)
+        parts.append(NormParts(flat.mantissa[block].reshape(shape), flat.exponent[block].reshape(shape)))
+        start += size
+    return parts
 
 
 def leaf_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
