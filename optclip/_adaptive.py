@@ -36,8 +36,7 @@ from optclip._clipping import (
     _leaf_rule_metrics,
     _leafwise_rule_update,
     _parts_for_ord,
-    _per_leaf,
-    _scaled,
+    _scaled_per_leaf,
     _scaling,
     clip_by_global_norm,
     clip_by_leaf_norm,
@@ -717,8 +716,7 @@ def adagc(
         whole = _scaling(global_parts, non_negative(cap))
         first = jnp.where(warming, whole.first, per_leaf.first)
         second = jnp.where(warming, whole.second, per_leaf.second)
-        firsts, seconds = _per_leaf(first, state.count), _per_leaf(second, state.count)
-        clipped = [_scaled(x, f, s) for x, f, s in zip(leaves, firsts, seconds)]
+        clipped = _scaled_per_leaf(leaves, first, second, state.count)
 
         def pick(global_value, leaf_value):
             return jnp.where(warming, global_value, leaf_value)

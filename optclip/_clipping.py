@@ -127,6 +127,14 @@ def _scaled(x: Array, first: Array, second: Array) -> Array:
     return (x.astype(compute) * first.astype(compute) * second.astype(compute)).astype(x.dtype)
 
 
+def _scaled_per_leaf(
+    leaves: Sequence[Array], first: Array, second: Array, count: Array, shapes: Sequence[tuple[int, ...]] | None = None
+) -> list[Array]:
+    """Each leaf scaled by its blocks of the factor vectors ``first`` and ``second`` (see ``_per_leaf``)."""
+    blocks = zip(_per_leaf(first, count, shapes), _per_leaf(second, count, shapes))
+    return [_scaled(x, f, s) for x, (f, s) in zip(leaves, blocks)]
+
+
 def _check_float_leaves(tree: Any, name: str) -> None:
     """Clipping is for floating-point gradients; an integer or bool leaf is a bug upstream, so say where."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -285,8 +293,7 @@ def clip_by_leaf_norm(
         parts = _parts_for_ord(ord, lambda o: _norms.leaf_norm_parts(leaves, o))
         thresholds, rule_state = _leafwise_rule_update(rule, parts.value(), state.rule_state, state.count)
         scaling = _scaling(parts, thresholds)
-        firsts, seconds = _per_leaf(scaling.first, state.count), _per_leaf(scaling.second, state.count)
-        clipped = [_scaled(x, f, s) for x, f, s in zip(leaves, firsts, seconds)]
+        clipped = _scaled_per_leaf(leaves, scaling.first, scaling.second, state.count)
         metrics = {
             "norm": jnp.max(scaling.norm, initial=0.0),
             "threshold": jnp.min(thresholds, initial=jnp.inf),
@@ -528,9 +535,8 @@ def adaptive_grad_clip(
         floors = jnp.maximum(param_norms, non_negative(eps))  # a run-time eps < 0 or NaN acts as 0
         scaling = _scaling(grad_parts, ratio * floors)
         shapes = [_norms.unit_shape(jnp.shape(p), a) for p, a in zip(param_leaves, axes)]
-        firsts, seconds = _per_leaf(scaling.first, state.count, shapes), _per_leaf(scaling.second, state.count, shapes)
-        for i, x, f, s in zip(present, grad_leaves, firsts, seconds):
-            slots[i] = _scaled(x, f, s)
+        for i, x in zip(present, _scaled_per_leaf(grad_leaves, scaling.first, scaling.second, state.count, shapes)):
+            slots[i] = x
         metrics = {
             "norm": jnp.max(scaling.norm / floors, initial=0.0),
             "threshold": ratio,
