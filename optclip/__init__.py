@@ -4,7 +4,8 @@ Every clip is an ``optax.GradientTransformation``: chain it before an optimizer,
 with ``optclip.stats(state)``.
 """
 
-from optclip._adaptive import adagc, autoclip, ema, percentile, quantile, zclip, zscore
+from optclip._adagc import adagc
+from optclip._adaptive import autoclip, ema, percentile, quantile, zclip, zscore
 from optclip._clipping import ClipState, adaptive_grad_clip, clip_by_global_norm, clip_by_leaf_norm, clip_by_value
 from optclip._guards import skip_nonfinite, skip_on_spike
 from optclip._norms import global_norm

@@ -1,8 +1,12 @@
-"""The clipping transformations: by value, by leaf norm, by global norm, and unit-wise (AGC).
+"""The clipping transformations: by global norm, by leaf norm, unit-wise (AGC), and by value.
 
-Every norm clip is the same four steps (DESIGN.md): a scope measures norms, a rule turns them into thresholds,
-``scale = min(1, threshold / norm)``, and the gradients are multiplied by the scale. Only the scope differs between
-``clip_by_global_norm``, ``clip_by_leaf_norm`` and ``adaptive_grad_clip``; the rule is whatever the user passed.
+Every norm clip is the same four steps (DESIGN.md): a scope measures norms, a rule turns them into thresholds, and
+
+    g <- g * min(1, c / ||g||)
+
+which is ``capped_ratio`` and ``apply`` below. Only the scope differs between ``clip_by_global_norm`` (one norm over
+every leaf), ``clip_by_leaf_norm`` (one per leaf) and ``adaptive_grad_clip`` (one per output unit, against the
+weights); the rule is whatever the user passed.
 
 Non-finite gradients: a norm clip passes what it measures one norm over through unchanged when that holds a NaN or
 Inf entry (its norm is not finite, so there is nothing sensible to scale by): the whole gradient for the global
@@ -10,11 +14,13 @@ norm, the leaf or the unit for the leaf and unit scopes, whose other leaves or u
 statistics show the non-finite norm and a rule's state is left as it was. ``clip_by_value`` maps +-Inf to the
 bounds and passes NaN through, like ``torch.clamp`` and ``optax.clip``. Wrap the chain in ``optclip.skip_nonfinite``
 to skip such steps instead.
+
+Norms come from ``_norms.leaf_norms_of``: when a guard around the chain already measured these very gradients, the
+clip reuses its measurement instead of reading them again.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -23,17 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optclip import _norms
+from optclip import _norms, _xla
 from optclip._norms import NormParts
 from optclip._rules import ThresholdRule, as_rule, guarded_update, non_negative
-from optclip._stats import ClipStats, make_stats
+from optclip._stats import ClipStats, PerLeaf, check_level, make_stats
 from optclip._validation import ORDS, check_finite, check_name, check_non_negative, check_ord, concrete_float
 
 Array = jax.Array
 Threshold = float | Array | Callable[[Array], Any] | ThresholdRule
 UnitAxes = int | Sequence[int] | Callable[[tuple[int, ...]], Any] | None
 
-_CLIP_METRICS = ("norm", "threshold", "scale", "norm_after", "clipped")
+CLIP_METRICS = ("norm", "threshold", "scale", "norm_after", "clipped")
 
 
 class ClipState(NamedTuple):
@@ -52,90 +58,86 @@ class ClipState(NamedTuple):
     stats: ClipStats
 
 
-class _Scaling(NamedTuple):
-    """``x -> (x * first) * second``: the clip scale in two factors, so that no factor is a flushed denormal."""
+# --------------------------------------------------------------------------------------------------------------------
+# the formula: g * min(1, c / ||g||)
 
-    first: Array
-    second: Array
-    norm: Array
-    scale: Array
-    norm_after: Array
+
+class Scale(NamedTuple):
+    """``min(1, threshold / norm)`` as ``factor * 2**exponent`` (see ``capped_ratio``), and whether it clipped."""
+
+    factor: Array
+    exponent: Array  # <= 0, and 0 unless the ratio itself is below float32's range
     clipped: Array  # bool: the norm was finite and above the threshold
 
-
-# The smallest e with 0.5 * 2**e a normal float32: the floor of ``first``'s exponent.
-_LOWEST_NORMAL_EXPONENT = int(np.finfo(np.float32).minexp) + 1
-
-
-def _unit_mantissa(x: Array) -> tuple[Array, Array]:
-    """``x = m * 2**e`` with ``m`` in [0.5, 1) (0 for 0); ``e`` carries no gradient, ``m`` all of it."""
-    exponent = jnp.frexp(jax.lax.stop_gradient(x))[1]
-    return _norms.times_pow2(x, -exponent), exponent
+    @property
+    def value(self) -> Array:
+        return _norms.times_pow2(self.factor, self.exponent)
 
 
-def _scaling(parts: NormParts, threshold: Array) -> _Scaling:
-    """The clip of a norm (any shape) to ``threshold`` (broadcastable), exact for norms beyond float32's range.
+def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
+    """``min(1, threshold / norm)``: 1 where the norm is not finite (nothing sensible to scale by), 0 for a zero
+    threshold (a zero gradient stays zero), exact for norms beyond float32's range and ratios below it.
 
-    With ``norm = r * 2**k`` and ``threshold = t * 2**j`` (``r, t`` in [0.5, 1)) the scale is ``(t / r) * 2**(j - k)``.
-    It is applied as ``(x * first) * second``, ``first = (t / r) * 2**e`` with the largest ``e <= j - k`` that keeps
-    ``first`` a normal float and ``second = 2**(j - k - e)``. So ``second`` is 1 unless the scale itself is below
-    float32's range (a norm near 3e38 clipped to a small threshold), and ``x * first`` underflows only where
-    ``x * scale`` does: splitting a representable scale in two would flush small entries of a large gradient.
+    With ``norm = r * 2**k`` (``r`` in [1, 2), ``k`` from the mantissa's bits plus the rescue's exponent) the ratio is
+    ``(threshold / r) * 2**-k``: as much of the power of two as keeps it a normal float goes into ``factor``, the rest
+    into ``exponent``, which is 0 unless the ratio itself is below float32's range (a norm near 3e38 clipped to 2),
+    where scaled entries may still be representable: ``apply`` multiplies by ``factor`` first.
     """
-    norm = parts.value()
-    finite = jnp.isfinite(parts.mantissa)
-    clipped = finite & (norm > threshold)
-    zero = finite & (threshold == 0)  # a zero threshold zeroes even an underflowed norm
-    rescale = clipped & ~zero
-    # Where a branch is not taken its inputs are 1, so that no inf or NaN reaches jax.grad through jnp.where.
-    r, k = _unit_mantissa(jnp.where(rescale, parts.mantissa, 1.0))
-    t, j = _unit_mantissa(jnp.where(rescale, threshold, 1.0).astype(jnp.float32))
-    exponent = jnp.where(rescale, j - k - parts.exponent, 0)  # <= 1: the scale is below 1 where it applies
-    first_exponent = jnp.clip(exponent, _LOWEST_NORMAL_EXPONENT, 1)
-    # Each factor ends in a divide or a pow, ops XLA computes once: ending in selects, a factor was recomputed inside
-    # the update fusion of every leaf (in leaf scope the whole vector of them, in each), and compile time grew with
-    # it. (t * 2**e) / r is exactly (t / r) * 2**e: both are normal floats. Where not rescaled, exponent is 0: second 1.
-    first = jnp.where(zero, 0.0, jnp.where(rescale, _norms.times_pow2(t, first_exponent), 1.0)) / jnp.where(
-        rescale, r, 1.0
-    )
-    second = _norms.pow2(exponent - first_exponent)
-    apply = clipped | zero
-    return _Scaling(first, second, norm, first * second, jnp.where(apply, threshold, norm), clipped)
+    m = norm.mantissa
+    finite = jnp.isfinite(m)
+    clipped = finite & (m > _norms.times_pow2(threshold, -norm.exponent))  # norm > threshold, in range
+    own = jnp.where(clipped, _norms.binary_exponent(m), 0)
+    quotient = threshold / jnp.where(clipped, _norms.times_pow2(m, -own), 1.0)  # no division by 0: grad-safe
+    power = jnp.where(clipped, -(own + norm.exponent), 0)
+    into_factor = jnp.maximum(power, _norms.LOWEST_NORMAL_EXPONENT - _norms.binary_exponent(quotient))
+    factor = jnp.where(clipped, _norms.times_pow2(quotient, into_factor), 1.0)
+    zero = finite & (threshold == 0)  # zeroes even a norm that read as 0 (a leaf whose squares underflowed)
+    return Scale(jnp.where(zero, 0.0, factor), jnp.where(clipped, power - into_factor, 0), clipped)
 
 
-def _per_leaf(vector: Array, count: Array, shapes: Sequence[tuple[int, ...]] | None = None) -> list[Array]:
-    """``vector`` cut into one block per leaf (shape ``shapes[i]``; default one scalar each), each a buffer of its own.
-
-    XLA:CPU compiles one kernel for all the leaves of one shape whose update kernels are identical. A scale read
-    straight out of a vector puts each leaf's slice indices into that leaf's update kernels, so every one of them
-    is compiled on its own (clip_by_leaf_norm on 1000 leaves: 9x optax's compile time). Dividing by a 1 that XLA
-    only learns at run time (``count`` never goes below 0) is exact and gives each leaf one small kernel of its
-    own, which XLA does not copy into the update kernels (it computes a division once).
-    """
-    shapes = [()] * vector.shape[0] if shapes is None else shapes
-    one = (count >= 0).astype(vector.dtype)
-    blocks, start = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        blocks.append((vector[start : start + size] / one).reshape(shape))
-        start += size
-    return blocks
-
-
-def _scaled(x: Array, first: Array, second: Array) -> Array:
+def apply(x: Array, scale: Scale) -> Array:
+    """``x * min(1, threshold / norm)``, in at least float32, returned in ``x``'s dtype."""
     compute = jnp.promote_types(x.dtype, jnp.float32)
-    return (x.astype(compute) * first.astype(compute) * second.astype(compute)).astype(x.dtype)
+    return _norms.times_pow2(x.astype(compute) * scale.factor.astype(compute), scale.exponent).astype(x.dtype)
 
 
-def _scaled_per_leaf(
-    leaves: Sequence[Array], first: Array, second: Array, count: Array, shapes: Sequence[tuple[int, ...]] | None = None
-) -> list[Array]:
-    """Each leaf scaled by its blocks of the factor vectors ``first`` and ``second`` (see ``_per_leaf``)."""
-    blocks = zip(_per_leaf(first, count, shapes), _per_leaf(second, count, shapes))
-    return [_scaled(x, f, s) for x, (f, s) in zip(leaves, blocks)]
+def computed_once(scale: Scale, one: Array) -> Scale:
+    """``scale`` with its ratio computed once for all the kernels that read it (``_xla.computed_once``)."""
+    return Scale(_xla.computed_once(scale.factor, one), scale.exponent, scale.clipped)
 
 
-def _check_float_leaves(tree: Any, name: str) -> None:
+# --------------------------------------------------------------------------------------------------------------------
+# leaves
+
+
+def _absent(x: Any) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+class Slots(NamedTuple):
+    """A tree flattened with ``None`` / ``optax.MaskedNode`` kept as slots (frozen or masked-out parameters)."""
+
+    values: list[Any]
+    treedef: Any
+
+    @classmethod
+    def of(cls, tree: Any) -> Slots:
+        values, treedef = jax.tree.flatten(tree, is_leaf=_absent)
+        return cls(values, treedef)
+
+    @property
+    def present(self) -> list[int]:
+        return [i for i, x in enumerate(self.values) if not _absent(x)]
+
+    def rebuilt(self, new: Sequence[Array]) -> Any:
+        """The tree with the present slots replaced by ``new``, in order."""
+        values = list(self.values)
+        for i, x in zip(self.present, new):
+            values[i] = x
+        return jax.tree.unflatten(self.treedef, values)
+
+
+def check_float_leaves(tree: Any, name: str) -> None:
     """Clipping is for floating-point gradients; an integer or bool leaf is a bug upstream, so say where."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -145,37 +147,57 @@ def _check_float_leaves(tree: Any, name: str) -> None:
             )
 
 
-def _zero_metrics(rule_metrics: dict[str, Array]) -> dict[str, Array]:
-    return {**dict.fromkeys(_CLIP_METRICS, 0.0), "scale": 1.0, **rule_metrics}
-
-
-def _leaf_rule_metrics(rule: ThresholdRule, rule_state: Any, num_leaves: int) -> dict[str, Array]:
-    per_leaf = jax.vmap(rule.stats, axis_size=num_leaves)(rule_state)
-    return {key: jnp.mean(value) for key, value in per_leaf.items()}
-
-
-def _leafwise_rule_update(rule: ThresholdRule, norms: Array, rule_state: Any, count: Array):
-    return jax.vmap(lambda norm, state: guarded_update(rule, norm, state, count))(norms, rule_state)
-
-
-def _parts_for_ord(ord: Any, norm_parts: Callable[[float], Any]) -> Any:
-    """``norm_parts(ord)``. ``optax.inject_hyperparams`` injects every number, ``ord`` too, so under ``jax.jit`` it
-    can arrive as a tracer: then ``lax.switch`` picks the norm at run time (a value other than 1 or inf acts as 2).
+def norms_for_ord(ord: Any, measure: Callable[[float], Any]) -> Any:
+    """``measure(ord)``. ``optax.inject_hyperparams`` injects every number, ``ord`` too, so under ``jax.jit`` it can
+    arrive as a tracer: then ``lax.switch`` picks the norm at run time (a value other than 1 or inf acts as 2).
     """
     static = concrete_float(ord)
     if static is not None:
-        return norm_parts(static)
+        return measure(static)
     index = jnp.where(ord == 1, 0, jnp.where(ord == jnp.inf, 2, 1))
-    return jax.lax.switch(index, [lambda o=o: norm_parts(o) for o in ORDS])
+    return jax.lax.switch(index, [lambda o=o: measure(o) for o in ORDS])
 
 
-def _stack_init(rule: ThresholdRule, num: int) -> Any:
+def stacked_init(rule: ThresholdRule, num: int) -> Any:
+    """``num`` copies of ``rule``'s initial state stacked on a leading axis: a per-leaf rule's state."""
     return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (num, *jnp.shape(x))), rule.init())
 
 
+def leafwise_rule_update(rule: ThresholdRule, norms: Array, rule_state: Any, count: Array) -> tuple[Array, Any]:
+    """``rule`` run once per leaf on the vector ``norms`` (``guarded_update``: a NaN norm keeps that leaf's state)."""
+    return jax.vmap(lambda norm, state: guarded_update(rule, norm, state, count))(norms, rule_state)
+
+
+def leafwise_rule_metrics(rule: ThresholdRule, rule_state: Any, num: int) -> dict[str, Array]:
+    """A per-leaf rule's statistics, each the mean over the leaves."""
+    per_leaf = jax.vmap(rule.stats, axis_size=num)(rule_state)
+    return {key: jnp.mean(value) if num else jnp.float32(0) for key, value in per_leaf.items()}
+
+
+def _zero_metrics(extra: dict[str, Any]) -> dict[str, Any]:
+    return {**dict.fromkeys(CLIP_METRICS, 0.0), "scale": 1.0, **extra}
+
+
+def spread(values: Array, size: int, positions: Sequence[int]) -> Array:
+    """A vector of ``size`` (one entry per slot) with ``values`` at ``positions`` and NaN elsewhere (no gradient)."""
+    if list(positions) == list(range(size)):
+        return values
+    return jnp.full((size,), jnp.nan, values.dtype).at[np.asarray(positions, np.int32)].set(values)
+
+
+def spread_parts(parts: NormParts, size: int, positions: Sequence[int]) -> NormParts:
+    """``spread`` for both halves of a norm: an absent slot has a NaN norm."""
+    exponent = spread(parts.exponent.astype(jnp.float32), size, positions)
+    return NormParts(spread(parts.mantissa, size, positions), jnp.nan_to_num(exponent).astype(jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the transforms
+
+
 def clip_by_global_norm(
-    max_norm: Threshold, *, ord: float = 2, name: str = "clip_by_global_norm"
-) -> optax.GradientTransformation:
+    max_norm: Threshold, *, ord: float = 2, stats: str = "basic", name: str = "clip_by_global_norm"
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescale all gradients together so that their global norm is at most ``max_norm``.
 
     .. math:: g \leftarrow g \cdot \min\Big(1, \frac{c_t}{\|g\|_p}\Big), \qquad
@@ -188,18 +210,20 @@ def clip_by_global_norm(
     Numerics: the norm accumulates in float32 for bf16/f16 gradients; finite float32 gradients with entries up to
     3e38 are clipped exactly to ``c_t`` (never zeroed, never NaN); zero gradients give zero updates for every
     threshold, ``c_t = 0`` included, and ``jax.grad`` through the clip stays finite there. Gradients with a NaN or Inf
-    entry pass through unchanged (see ``optclip.skip_nonfinite``).
+    entry pass through unchanged (see ``optclip.skip_nonfinite``). When a guard around it (``optclip.skip_nonfinite``,
+    ``optclip.skip_on_spike``) has measured the same gradients, the clip reuses that measurement.
 
     Args:
       max_norm: the threshold ``c_t >= 0``: a number, a JAX scalar, a schedule ``step -> threshold``, or an adaptive
         rule (``optclip.percentile()``, ``optclip.zscore()``, ...). A run-time value below 0 or NaN acts as 0.
       ord: the norm, 1, 2 or ``inf``. Under ``optax.inject_hyperparams`` it is injected like any number and
         chosen at run time (a run-time value other than 1 or ``inf`` acts as 2).
+      stats: ``"basic"`` (default): ``norm``, ``threshold``, ``scale``, ``norm_after``, ``clipped`` and the rule's
+        own, all from the one norm; ``"full"`` adds each leaf's norm (``leaf_norm/<path>``); ``"none"``: nothing.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state keeps ``norm``, ``threshold``, ``scale``, ``norm_after``
-      and ``clipped`` (0 or 1) of the last update.
+      An ``optax.GradientTransformationExtraArgs`` whose state keeps the statistics of the last update.
 
     Example:
       >>> import jax.numpy as jnp, optax, optclip
@@ -213,37 +237,71 @@ def clip_by_global_norm(
     """
     rule = as_rule(max_norm, "max_norm")
     check_ord(ord)
+    check_level(stats)
     check_name(name)
+
+    def metrics(norm, threshold, scale, norm_after, clipped, rule_state, leaf_norm):
+        basic = {"norm": norm, "threshold": threshold, "scale": scale, "norm_after": norm_after, "clipped": clipped}
+        full = {"leaf_norm": leaf_norm} if stats == "full" else {}
+        return make_stats(name, {**basic, **rule.stats(rule_state), **full}, stats)
 
     def init_fn(params):
         rule_state = rule.init()
-        return ClipState(jnp.zeros((), jnp.int32), rule_state, make_stats(name, _zero_metrics(rule.stats(rule_state))))
+        names = _slot_names(params)
+        empty = PerLeaf(jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0), names)
+        return ClipState(jnp.zeros((), jnp.int32), rule_state, metrics(0.0, 0.0, 1.0, 0.0, 0.0, rule_state, empty))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         del params
-        _check_float_leaves(updates, name)
-        leaves, treedef = jax.tree.flatten(updates)
-        parts = _parts_for_ord(ord, lambda o: _norms.global_norm_parts(leaves, o))
-        threshold, rule_state = guarded_update(rule, parts.value(), state.rule_state, state.count)
-        scaling = _scaling(parts, threshold)
-        clipped = [_scaled(x, scaling.first, scaling.second) for x in leaves]
-        metrics = {
-            "norm": scaling.norm,
-            "threshold": threshold,
-            "scale": scaling.scale,
-            "norm_after": scaling.norm_after,
-            "clipped": scaling.clipped,
-            **rule.stats(rule_state),
-        }
-        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics))
-        return jax.tree.unflatten(treedef, clipped), new_state
+        check_float_leaves(updates, name)
+        slots = Slots.of(updates)
+        leaves = [slots.values[i] for i in slots.present]
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def measure(o: float) -> tuple[NormParts, NormParts]:
+            measured = _norms.leaf_norms_of(leaves, o, extra_args)
+            per_leaf = measured.flat()
+            return per_leaf, _norms.combine(per_leaf, o)
+
+        per_leaf, norm = norms_for_ord(ord, measure)
+        threshold, rule_state = guarded_update(rule, norm.value(), state.rule_state, state.count)
+        scale = capped_ratio(norm, threshold)
+        applied = computed_once(scale, _xla.runtime_one(state.count))
+        clipped = [apply(x, applied) for x in leaves]
+        value = norm.value()
+        leaf_values = spread(per_leaf.value(), len(slots.values), slots.present)
+        leaf_norm = PerLeaf(leaf_values, _names(state, name, stats))
+        new_stats = metrics(
+            value,
+            threshold,
+            scale.value,
+            jnp.where(scale.clipped, threshold, value),
+            scale.clipped,
+            rule_state,
+            leaf_norm,
+        )
+        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, new_stats)
+        return slots.rebuilt(clipped), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _slot_names(params: Any) -> tuple[str | None, ...]:
+    """Each slot's path (``Slots``), ``None`` for an absent one: the names of a per-leaf statistic."""
+    paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=_absent)[0]
+    return tuple(
+        None if _absent(x) else jax.tree_util.keystr(p, simple=True, separator="/") or "<root>" for p, x in paths
+    )
+
+
+def _per_leaf_stats(name: str, stats: str, basic: dict[str, Any], per_leaf: dict[str, Array], names: Any) -> ClipStats:
+    if stats == "full":
+        basic = {**basic, **{key: PerLeaf(value, names) for key, value in per_leaf.items()}}
+    return make_stats(name, basic, stats)
 
 
 def clip_by_leaf_norm(
-    max_norm: Threshold, *, ord: float = 2, name: str = "clip_by_leaf_norm"
-) -> optax.GradientTransformation:
+    max_norm: Threshold, *, ord: float = 2, stats: str = "basic", name: str = "clip_by_leaf_norm"
+) -> optax.GradientTransformationExtraArgs:
     r"""Rescale each gradient array on its own so that its norm is at most ``max_norm``.
 
     .. math:: g_\ell \leftarrow g_\ell \cdot \min\Big(1, \frac{c_{\ell,t}}{\|g_\ell\|_p}\Big)
@@ -251,7 +309,8 @@ def clip_by_leaf_norm(
 
     This is Keras ``clipnorm`` and ``tf.clip_by_norm`` applied to each variable (Pascanu et al. 2013,
     arXiv:1211.5063, clip per parameter block). With an adaptive rule as ``max_norm`` each leaf keeps its own
-    statistics (``clip_by_leaf_norm(optclip.ema())`` is AdaGC, arXiv:2502.11034).
+    statistics (``clip_by_leaf_norm(optclip.ema())`` is AdaGC's per-tensor rule, arXiv:2502.11034). A ``None`` or
+    ``optax.MaskedNode`` gradient (a frozen or masked-out parameter) passes through and leaves its rule state alone.
 
     Numerics are those of ``clip_by_global_norm``, leaf by leaf.
 
@@ -260,11 +319,14 @@ def clip_by_leaf_norm(
         (run once per leaf). A run-time value below 0 or NaN acts as 0.
       ord: the norm, 1, 2 or ``inf``. Under ``optax.inject_hyperparams`` it is injected like any number and
         chosen at run time (a run-time value other than 1 or ``inf`` acts as 2).
+      stats: ``"basic"`` (default): summaries over the leaves, each possibly from a different leaf: the largest
+        ``norm``, the smallest ``threshold`` and ``scale``, the largest ``norm_after``, the fraction of leaves
+        ``clipped``, and a per-leaf rule's statistics averaged over the leaves. ``"full"`` adds each leaf's own
+        ``norm``, ``threshold`` and ``clipped`` under ``<metric>/<path>``; ``"none"`` records nothing.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
-      An ``optax.GradientTransformation``; its statistics are the largest leaf ``norm``, the smallest
-      ``threshold`` and ``scale``, the largest ``norm_after`` and the fraction of leaves ``clipped``.
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -278,34 +340,74 @@ def clip_by_leaf_norm(
     """
     rule = as_rule(max_norm, "max_norm")
     check_ord(ord)
+    check_level(stats)
     check_name(name)
 
     def init_fn(params):
-        num_leaves = len(jax.tree.leaves(params))
-        rule_state = _stack_init(rule, num_leaves)
-        metrics = _zero_metrics(_leaf_rule_metrics(rule, rule_state, num_leaves))
-        return ClipState(jnp.zeros((), jnp.int32), rule_state, make_stats(name, metrics))
+        names = _slot_names(params)
+        rule_state = stacked_init(rule, len(names))
+        absent = jnp.asarray([n is None for n in names], bool)
+        zeros = jnp.where(absent, jnp.nan, 0.0).astype(jnp.float32)
+        basic = _zero_metrics(leafwise_rule_metrics(rule, rule_state, len(names)))
+        per_leaf = {"norm": zeros, "threshold": zeros, "clipped": zeros}
+        return ClipState(jnp.zeros((), jnp.int32), rule_state, _per_leaf_stats(name, stats, basic, per_leaf, names))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         del params
-        _check_float_leaves(updates, name)
-        leaves, treedef = jax.tree.flatten(updates)
-        parts = _parts_for_ord(ord, lambda o: _norms.leaf_norm_parts(leaves, o))
-        thresholds, rule_state = _leafwise_rule_update(rule, parts.value(), state.rule_state, state.count)
-        scaling = _scaling(parts, thresholds)
-        clipped = _scaled_per_leaf(leaves, scaling.first, scaling.second, state.count)
-        metrics = {
-            "norm": jnp.max(scaling.norm, initial=0.0),
-            "threshold": jnp.min(thresholds, initial=jnp.inf),
-            "scale": jnp.min(scaling.scale, initial=1.0),
-            "norm_after": jnp.max(scaling.norm_after, initial=0.0),
-            "clipped": jnp.mean(scaling.clipped) if leaves else 0.0,
-            **_leaf_rule_metrics(rule, rule_state, len(leaves)),
-        }
-        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics))
-        return jax.tree.unflatten(treedef, clipped), new_state
+        check_float_leaves(updates, name)
+        slots = Slots.of(updates)
+        size = len(slots.values)
+        expected = jax.tree.leaves(state.rule_state)[0].shape[0] if jax.tree.leaves(state.rule_state) else size
+        if size != expected:
+            raise ValueError(
+                f"{name}: the gradients have {size} leaves (None and MaskedNode included) where the state was made "
+                f"for {expected}; pass init and update trees of the same structure"
+            )
+        present = slots.present
+        leaves = [slots.values[i] for i in present]
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        def measure(o: float) -> tuple[list[NormParts], NormParts]:
+            measured = _norms.leaf_norms_of(leaves, o, extra_args)
+            return measured.per_leaf(), measured.flat()
+
+        parts, flat_parts = norms_for_ord(ord, measure)
+        measured = spread_parts(flat_parts, size, present)
+        norms = measured.value()  # NaN where a slot has no gradient: the rule keeps that state
+        thresholds, rule_state = leafwise_rule_update(rule, norms, state.rule_state, state.count)
+        one = _xla.runtime_one(state.count)
+        clipped = []
+        for x, p, i in zip(leaves, parts, present):
+            own = _xla.computed_once(thresholds[i], one)  # a constant threshold folds back to the one scalar
+            clipped.append(apply(x, capped_ratio(p, own)))
+
+        # The statistics: the same formula once more, over the vector of leaves.
+        scale = capped_ratio(measured, thresholds)
+        seen = ~jnp.isnan(norms)
+        basic = {
+            "norm": jnp.max(jnp.where(seen, norms, 0.0), initial=0.0),
+            "threshold": jnp.min(jnp.where(seen, thresholds, jnp.inf), initial=jnp.inf),
+            "scale": jnp.min(scale.value, initial=1.0),
+            "norm_after": jnp.max(jnp.where(seen, jnp.where(scale.clipped, thresholds, norms), 0.0), initial=0.0),
+            "clipped": jnp.sum(scale.clipped) / max(len(present), 1),
+            **leafwise_rule_metrics(rule, rule_state, size),
+        }
+        per_leaf = {
+            "norm": norms,
+            "threshold": jnp.where(seen, thresholds, jnp.nan),
+            "clipped": jnp.where(seen, scale.clipped, jnp.nan),
+        }
+        names = _names(state, name, stats)
+        new_stats = _per_leaf_stats(name, stats, basic, per_leaf, names)
+        return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), rule_state, new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _names(state: ClipState, name: str, stats: str) -> tuple[str | None, ...]:
+    """The leaf names a ``"full"`` record was made with at ``init`` (static: they are part of the tree)."""
+    if stats != "full":
+        return ()
+    return next(v.names for v in state.stats.by_name[name].values() if isinstance(v, PerLeaf))
 
 
 def _bound(value: Any, count: Array) -> Array:
@@ -316,8 +418,9 @@ def clip_by_value(
     max_value: float | Array | Callable[[Array], Any],
     *,
     min_value: float | Array | Callable[[Array], Any] | None = None,
+    stats: str = "basic",
     name: str = "clip_by_value",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Clamp every gradient entry to ``[-max_value, max_value]``, or to ``[min_value, max_value]``.
 
     .. math:: g_{\ell j} \leftarrow \min(\max(g_{\ell j}, a), b), \qquad (a, b) = (-c, c) \text{ or } (c_{min}, c)
@@ -332,15 +435,18 @@ def clip_by_value(
         acts as 0 (every entry becomes 0).
       min_value: the lower bound, at most ``max_value``; a number, a JAX scalar or a schedule. Run-time bounds with
         ``min_value > max_value`` follow ``jnp.clip``: every entry becomes ``max_value``.
+      stats: ``"basic"`` (default): the global 2-norm before the clamp (``norm``, the one read a clamp needs on
+        top of the optimizer, shared with a guard around it) and ``threshold = max_value``; ``"full"`` adds the norm
+        after the clamp (``norm_after``), their ratio ``scale`` and the fraction of entries ``clipped``, which cost
+        one more read of the gradients; ``"none"`` records nothing and leaves the clamp to fuse into the optimizer.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
-      An ``optax.GradientTransformation``; its statistics are the global 2-norm before (``norm``) and after
-      (``norm_after``), their ratio ``scale``, ``threshold = max_value`` and the fraction of entries ``clipped``.
+      An ``optax.GradientTransformationExtraArgs``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
-      >>> tx = optclip.clip_by_value(1.0)
+      >>> tx = optclip.clip_by_value(1.0, stats="full")
       >>> updates, state = tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(jnp.zeros(3)))
       >>> print(updates)
       [-1.   0.5  1. ]
@@ -360,15 +466,18 @@ def clip_by_value(
                 raise ValueError(
                     f"min_value must be at most max_value, got min_value={min_value!r} > max_value={max_value!r}"
                 )
+    check_level(stats)
     check_name(name)
+    metrics = ("norm", "threshold") if stats == "basic" else CLIP_METRICS
 
     def init_fn(params):
         del params
-        return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, _zero_metrics({})))
+        zeros = _zero_metrics({})
+        return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, {k: zeros[k] for k in metrics}, stats))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         del params
-        _check_float_leaves(updates, name)
+        check_float_leaves(updates, name)
         high = _bound(max_value, state.count)
         if min_value is None:
             high = non_negative(high)  # a run-time bound cannot raise: [-c, c] with c < 0 or NaN acts as [0, 0]
@@ -376,65 +485,28 @@ def clip_by_value(
         else:
             low = _bound(min_value, state.count)
         leaves, treedef = jax.tree.flatten(updates)
-        bounds = [(low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
-        clipped = [jnp.clip(x, lo, hi) for x, (lo, hi) in zip(leaves, bounds)]
-        # The statistics carry no gradient (jax.grad cannot go through a variadic reduction anyway).
-        measured = [jax.lax.stop_gradient(x) for x in leaves]
-        squares, squares_after, outside = _value_clip_sums(measured, bounds)
-        size = max(sum(x.size for x in leaves), 1)
+        clipped = [jnp.clip(x, low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
+        if stats == "none":
+            return jax.tree.unflatten(treedef, clipped), ClipState(
+                optax.safe_int32_increment(state.count), (), state.stats
+            )
+        # The statistics carry no gradient. The norm is the one a guard around this clip may have measured already.
+        norm = jax.lax.stop_gradient(_norms.leaf_norms_of(leaves, 2, extra_args).total().value())
+        found = {"norm": norm, "threshold": high}
+        if stats == "full":
+            after = jax.lax.stop_gradient(_norms.global_norm_parts(clipped, 2).value())
+            outside = sum(jnp.sum((x < lo) | (x > hi), dtype=jnp.float32) for x, lo, hi in _bounds(leaves, low, high))
+            found["scale"] = jnp.where(found["norm"] > 0, after / jnp.where(found["norm"] > 0, found["norm"], 1.0), 1.0)
+            found["norm_after"] = after
+            found["clipped"] = outside / max(sum(x.size for x in leaves), 1)
+        new_stats = make_stats(name, {k: found[k] for k in metrics}, stats)
+        return jax.tree.unflatten(treedef, clipped), ClipState(optax.safe_int32_increment(state.count), (), new_stats)
 
-        exponents = [_norms.rescue_exponent(s, zero_suspect=True) for s in (squares, squares_after)]
-        plain = (_norms._root(squares, 2), _norms._root(squares_after, 2))
-        norm, norm_after = jax.lax.cond(
-            jnp.any(jnp.stack(exponents) != 0),
-            lambda _: _exact_value_clip_norms(measured, bounds, exponents),
-            lambda _: plain,
-            None,
-        )
-        scale = jnp.where(norm > 0, norm_after / jnp.where(norm > 0, norm, 1.0), 1.0)
-        metrics = {"norm": norm, "threshold": high, "scale": scale, "norm_after": norm_after, "clipped": outside / size}
-        new_state = ClipState(optax.safe_int32_increment(state.count), (), make_stats(name, metrics))
-        return jax.tree.unflatten(treedef, clipped), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _sums(terms: Sequence[Array], combine: Callable[[Array, Array], Array] = jnp.add) -> list[Array]:
-    """``combine``-reductions of same-shaped arrays over all their dims, in one variadic reduction (one read)."""
-    zeros = tuple(jnp.zeros((), t.dtype) for t in terms)
-    dims = tuple(range(terms[0].ndim))
-    return list(jax.lax.reduce(tuple(terms), zeros, lambda a, b: tuple(map(combine, a, b)), dims))
-
-
-def _value_clip_sums(leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]]) -> tuple[Array, Array, Array]:
-    """Over all leaves: the sums of squares before and after the clamp and the number of entries outside the bounds.
-
-    One variadic reduction per leaf reads it once for all three. Three reductions would read it three times, and
-    XLA:CPU writes out a clamped copy of the leaf for each reduction whose bounds it shares with a same-shaped leaf.
-    """
-    totals = [jnp.float32(0)] * 3
-    for x, (lo, hi) in zip(leaves, bounds):
-        before, after = _norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi))
-        outside = ((x < lo) | (x > hi)).astype(jnp.float32)
-        sums = _sums([before * before, after * after, outside])
-        totals = [t + v.astype(jnp.float32) for t, v in zip(totals, sums)]
-    return totals[0], totals[1], totals[2]
-
-
-def _exact_value_clip_norms(
-    leaves: Sequence[Array], bounds: Sequence[tuple[Array, Array]], exponents: Sequence[Array]
-) -> tuple[Array, Array]:
-    """The 2-norms before and after the clamp where a sum of squares over- or underflowed (the rare path): each
-    sum is taken again with the entries divided by ``2**exponent`` (``_norms.rescue_exponent``), in one variadic
-    read of each leaf.
-    """
-    totals = [jnp.float32(0)] * 2
-    for x, (lo, hi) in zip(leaves, bounds):
-        pair = (_norms._magnitude(x), _norms._magnitude(jnp.clip(x, lo, hi)))
-        scaled = [_norms.times_pow2(v, -e) for v, e in zip(pair, exponents)]
-        totals = [t + s.astype(jnp.float32) for t, s in zip(totals, _sums([v * v for v in scaled]))]
-    norms = [_norms.NormParts(_norms._root(t, 2), e).value() for t, e in zip(totals, exponents)]
-    return norms[0], norms[1]
+def _bounds(leaves: Sequence[Array], low: Array, high: Array) -> list[tuple[Array, Array, Array]]:
+    return [(x, low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
 
 
 def _default_unit_axes(shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -469,8 +541,9 @@ def adaptive_grad_clip(
     *,
     eps: float = 1e-3,
     axis: UnitAxes = None,
+    stats: str = "basic",
     name: str = "adaptive_grad_clip",
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     r"""Unit-wise adaptive gradient clipping (AGC): clip each unit's gradient relative to its weights' norm.
 
     For every output unit :math:`i` of every parameter, with :math:`W_i` its weights and :math:`G_i` their gradient,
@@ -484,20 +557,26 @@ def adaptive_grad_clip(
     ``(1, C)`` kernel has C units of one weight each, where ``optax.adaptive_grad_clip`` squeezes size-1 dims first
     and treats it as one unit.
 
+    The floor: :math:`\epsilon` bounds the weight norm from below, as in the paper's reference code
+    (``deepmind-research/nfnets``: ``max(param_norm, eps)``, eps 1e-3) and ``optax.adaptive_grad_clip``, so that a
+    zero-initialised parameter (a bias, a zero-init residual branch) can still move: without it its threshold would
+    be 0 and its gradient would be zeroed for ever. timm's ``adaptive_clip_grad`` uses the same ``max(., eps)`` form.
+
     Args:
       clipping: the ratio :math:`\lambda \ge 0` (0.01 in the paper for batch 4096): a number, a JAX scalar or a
         schedule. A run-time value below 0 or NaN acts as 0.
-      eps: the floor :math:`\epsilon \ge 0` on the weight norm, so that zero-initialised parameters can move. A
-        run-time value below 0 or NaN acts as 0.
+      eps: the floor :math:`\epsilon \ge 0` on the weight norm. A run-time value below 0 or NaN acts as 0.
       axis: the dims each unit reduces over, for every leaf: an int or tuple, or a function ``shape -> axes``
         (under ``optax.inject_hyperparams`` pass a tuple or ``static_args=("axis",)``: a plain int is injected);
         ``None`` uses the defaults above (and raises for rank 6 and up).
+      stats: ``"basic"`` (default): ``norm`` is the largest ratio :math:`\|G_i\| / \max(\|W_i\|, \epsilon)`,
+        ``threshold`` is :math:`\lambda`, ``scale`` the smallest unit scale, ``norm_after`` the largest ratio after
+        clipping, ``clipped`` the fraction of units; ``"full"`` adds per leaf its largest ratio (``norm/<path>``)
+        and its fraction of units clipped (``clipped/<path>``); ``"none"`` records nothing.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
-      An ``optax.GradientTransformation`` that needs ``params`` in ``update``. Its statistics: ``norm`` is the
-      largest ratio :math:`\|G_i\| / \max(\|W_i\|, \epsilon)`, ``threshold`` is :math:`\lambda`, ``scale`` the
-      smallest unit scale, ``norm_after`` the largest ratio after clipping, ``clipped`` the fraction of units.
+      An ``optax.GradientTransformationExtraArgs`` that needs ``params`` in ``update``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -511,40 +590,65 @@ def adaptive_grad_clip(
     """
     rule = as_rule(clipping, "clipping", stateful=False)
     check_non_negative(eps, "eps")
+    check_level(stats)
     check_name(name)
 
     def init_fn(params):
-        del params
-        return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, _zero_metrics({})))
+        names = _slot_names(params)
+        zeros = jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0).astype(jnp.float32)
+        new_stats = _per_leaf_stats(name, stats, _zero_metrics({}), {"norm": zeros, "clipped": zeros}, names)
+        return ClipState(jnp.zeros((), jnp.int32), (), new_stats)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # AGC measures units, not leaves: nothing upstream measures those
         if params is None:
             raise ValueError(f"{name}: adaptive_grad_clip needs params; call tx.update(grads, state, params)")
-        _check_float_leaves(updates, name)
+        check_float_leaves(updates, name)
         ratio, _ = rule.update(jnp.float32(0), (), state.count)
         ratio = non_negative(ratio)
         # None/MaskedNode gradients (frozen parameters) have a parameter beside them: pair them up, then skip them.
-        slots, treedef = jax.tree.flatten(updates, is_leaf=lambda x: x is None)
-        present = [i for i, g in enumerate(slots) if g is not None]
-        grad_leaves = [slots[i] for i in present]
-        param_slots = treedef.flatten_up_to(params)
-        param_leaves = [param_slots[i] for i in present]
+        slots = Slots.of(updates)
+        param_slots = slots.treedef.flatten_up_to(params)
+        grad_leaves = [slots.values[i] for i in slots.present]
+        param_leaves = [param_slots[i] for i in slots.present]
         axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
-        grad_parts = _norms.flat_unit_norm_parts(grad_leaves, 2, axes)
-        param_norms = _norms.flat_unit_norm_parts(param_leaves, 2, axes).value()
-        floors = jnp.maximum(param_norms, non_negative(eps))  # a run-time eps < 0 or NaN acts as 0
-        scaling = _scaling(grad_parts, ratio * floors)
-        shapes = [_norms.unit_shape(jnp.shape(p), a) for p, a in zip(param_leaves, axes)]
-        for i, x in zip(present, _scaled_per_leaf(grad_leaves, scaling.first, scaling.second, state.count, shapes)):
-            slots[i] = x
-        metrics = {
-            "norm": jnp.max(scaling.norm / floors, initial=0.0),
-            "threshold": ratio,
-            "scale": jnp.min(scaling.scale, initial=1.0),
-            "norm_after": jnp.max(scaling.norm_after / floors, initial=0.0),
-            "clipped": jnp.sum(scaling.clipped, dtype=jnp.float32) / max(scaling.clipped.size, 1),
-        }
-        new_state = ClipState(optax.safe_int32_increment(state.count), (), make_stats(name, metrics))
-        return jax.tree.unflatten(treedef, slots), new_state
+        grad_norms = _norms.unit_norms(grad_leaves, 2, axes)
+        floors = [jnp.maximum(p.value(), non_negative(eps)) for p in _norms.unit_norms(param_leaves, 2, axes)]
+        one = _xla.runtime_one(state.count)
+        clipped = []
+        for x, g, floor in zip(grad_leaves, grad_norms, floors):
+            clipped.append(apply(x, capped_ratio(g, ratio * _xla.computed_once(floor, one))))
 
-    return optax.GradientTransformation(init_fn, update_fn)
+        # The statistics: the same formula once more, over the vector of every unit.
+        units = _norms.flat(grad_norms)  # a concatenation of the per-leaf norms: no second reduction
+        floor = _norms.flat_values(floors)
+        scale = capped_ratio(units, ratio * floor)
+        ratios = units.value() / floor
+        basic = {
+            "norm": jnp.max(ratios, initial=0.0),
+            "threshold": ratio,
+            "scale": jnp.min(scale.value, initial=1.0),
+            "norm_after": jnp.max(jnp.where(scale.clipped, ratio, ratios), initial=0.0),
+            "clipped": jnp.sum(scale.clipped, dtype=jnp.float32) / max(ratios.size, 1),
+        }
+        per_leaf = {}
+        if stats == "full":
+            size, bounds = len(slots.values), np.cumsum([0] + [f.size for f in floors])
+            per_leaf = {
+                "norm": spread(
+                    jnp.stack([jnp.max(ratios[a:b], initial=0.0) for a, b in zip(bounds, bounds[1:])]),
+                    size,
+                    slots.present,
+                )
+                if floors
+                else jnp.full((size,), jnp.nan),
+                "clipped": spread(
+                    jnp.stack([jnp.mean(scale.clipped[a:b]) for a, b in zip(bounds, bounds[1:])]), size, slots.present
+                )
+                if floors
+                else jnp.full((size,), jnp.nan),
+            }
+        new_stats = _per_leaf_stats(name, stats, basic, per_leaf, _names(state, name, stats))
+        return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), (), new_stats)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

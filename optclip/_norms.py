@@ -1,52 +1,71 @@
-"""Safe norms of gradient pytrees: global, per leaf and per unit, for ord in {1, 2, inf}.
+"""Safe norms of gradient pytrees: per unit, per leaf and global, for ord in {1, 2, inf}; and the hand-over that lets
+one measurement serve every transform of a step.
 
 Three promises shape this module (DESIGN.md, "Numerics"):
 
 * Norms accumulate in at least float32, whatever the gradient dtype: bf16/f16 squares overflow or round badly.
-* Finite inputs give a finite, correct result even where the sum of powers overflows (float32 entries near 3e38)
-  or underflows. The sum is recomputed with every entry divided by 2**80 (overflow) or multiplied by 2**80
-  (underflow), but only on that rare path (one ``lax.cond`` per call), so the common path costs one reduction per
-  array and the rescue one more.
-  A sum that underflowed completely is exactly 0, like the sum of an all-zero array, and only a second read can
-  tell them apart. The global norm pays that read when the whole gradient sums to 0 (a rare step); the per-leaf
-  and per-unit norms do not, because an all-zero leaf or unit (a dead ReLU unit, an unused parameter) is common and
-  would pay it on every step. So a leaf or unit whose entries are all below about ``2**-63 ~ 1e-19`` (ord 2; for
-  ord 1 and inf only float32 denormals) reads as norm 0: it is left unchanged by any threshold above its true norm
-  and zeroed by a threshold of 0, but a threshold strictly between 0 and that tiny norm is not honoured.
+* Finite inputs give a finite, correct norm even where the sum of powers overflows (float32 entries near 3e38) or
+  underflows. This is the one rescue, used by every scope: each array's power sums are taken once; where any of them
+  overflowed, may have lost entries to underflow, or all of them are 0 (a complete underflow reads as 0 too), they
+  are taken again with the entries of each such array divided by ``2**80`` (overflow) or multiplied by it
+  (underflow), and the norm carries that power of two. The second read happens only on those rare steps
+  (``_xla.rare_second_pass`` says how). A sum that underflowed completely in one leaf or unit while others did not
+  stays 0: only a second read on every step could tell it from an all-zero leaf (a dead ReLU unit, an unused
+  parameter), so a leaf or unit whose entries are all below about ``2**-63 ~ 1e-19`` (ord 2; ord 1 and inf: float32
+  denormals) reads as norm 0 unless the whole gradient is that small. Its effect: a threshold strictly between 0
+  and such a norm is not honoured for it.
 * No square root or division happens at exactly zero, so ``jax.grad`` through a norm of zeros stays finite.
 
-Internally a norm is carried as ``NormParts(mantissa, exponent)`` with ``norm = mantissa * 2**exponent``, so that a
-norm beyond float32's range (the 2-norm of two entries of 3e38) can still scale gradients exactly.
+A norm is carried as ``NormParts(mantissa, exponent)``, ``norm = mantissa * 2**exponent``, so that a norm beyond
+float32's range (the 2-norm of two entries of 3e38) can still scale gradients exactly.
+
+One measurement per step: ``LeafNorms`` records the per-leaf norms of a list of arrays. A transform that measured
+them hands the record to the transforms it wraps through the ``optclip_leaf_norms`` extra argument
+(``optax.GradientTransformationExtraArgs``); a transform that needs norms calls ``leaf_norms_of``, which uses the
+record when it measured the very arrays it is given (the same array objects: anything that changed the gradients
+in between made new ones) and measures them otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optclip import _xla
 from optclip._validation import check_ord
 
 Array = jax.Array
 Axes = int | tuple[int, ...] | None
 
-# A power sum below this may have lost entries to float32 underflow; recompute it rescaled.
+# The rescue scales entries by 2**-80 where a sum overflowed and by 2**80 where it may have underflowed. Down:
+# float32's largest entry becomes 2.8e14, whose square summed over 2**31 entries stays finite, and an entry whose
+# scaled square underflows (below 1.3e5) is under 1e-28 of a sum that overflowed. Up: a sum that underflowed has
+# entries below 3e-16, which become at most 4e8, and every normal float32 entry gets a normal square.
+_RESCUE_EXPONENT = 80
+# A power sum below this may have lost entries to float32 underflow.
 _UNDERFLOW_GUARD = float(np.finfo(np.float32).tiny / np.finfo(np.float32).eps)
+HANDOVER_ARG = "optclip_leaf_norms"
 
 
 class NormParts(NamedTuple):
-    """A norm as ``mantissa * 2**exponent``; ``exponent`` is int32 and zero on the common path."""
+    """A norm as ``mantissa * 2**exponent``: float32 mantissa, int32 exponent (zero on the common path)."""
 
     mantissa: Array
     exponent: Array
 
     def value(self) -> Array:
-        """The norm as one float (``inf`` where it exceeds the dtype's range)."""
+        """The norm as one float32 (``inf`` where it exceeds float32's range)."""
         return times_pow2(self.mantissa, self.exponent)
+
+    def take(self, index: Any) -> NormParts:
+        """The norms at ``index`` (an index or an index array into the mantissa and the exponent alike)."""
+        return NormParts(self.mantissa[index], self.exponent[index])
 
 
 def times_pow2(x: Array, exponent: Array) -> Array:
@@ -57,51 +76,159 @@ def times_pow2(x: Array, exponent: Array) -> Array:
 
 
 def pow2(exponent: Array, dtype: Any = jnp.float32) -> Array:
-    """``2.0**exponent`` in ``dtype``, bit for bit ``jnp.ldexp(1, exponent)``, as a single ``pow``.
+    """``2.0**exponent`` in ``dtype`` for exponents of normal numbers, built from its bits: exact, and a few integer
+    ops that compile to nothing where a power or ``ldexp`` would be a kernel of its own."""
+    wide = jnp.dtype(dtype) == jnp.float64
+    bits, mantissa_bits, bias = (jnp.int64, 52, 1023) if wide else (jnp.int32, 23, 127)
+    biased = jax.lax.convert_element_type(exponent, bits) + bias
+    value = jax.lax.bitcast_convert_type(
+        jax.lax.shift_left(biased, jnp.asarray(mantissa_bits, bits)), jnp.float64 if wide else jnp.float32
+    )
+    return value if wide or jnp.dtype(dtype) == jnp.float32 else value.astype(dtype)
 
-    XLA copies cheap scalar ops into every fusion that reads their result, and ``jnp.ldexp`` is about fifteen of
-    them: a clip scale built from it was recomputed inside the update of every leaf, which made compile time grow
-    several-fold on trees of hundreds of leaves. A ``pow`` is computed once and read.
-    """
-    return jnp.asarray(2, dtype) ** jnp.asarray(exponent).astype(dtype)
+
+LOWEST_NORMAL_EXPONENT = int(np.finfo(np.float32).minexp)  # -126: 2**-126 is float32's smallest normal number
+
+
+def binary_exponent(x: Array) -> Array:
+    """``floor(log2(x))`` of a positive normal float32, read from its exponent bits (no gradient)."""
+    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x).astype(jnp.float32), jnp.int32)
+    return ((bits >> 23) & 0xFF) - 127
 
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
-    """The real dtype norms of ``dtype`` entries accumulate in: at least float32."""
+    """The real dtype norms of ``dtype`` entries accumulate in: at least float32 (float64 stays float64)."""
     return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
 
 
-def _magnitude(x: Array) -> Array:
+def magnitude(x: Array) -> Array:
+    """``|x|`` in the accumulation dtype."""
     return jnp.abs(x).astype(accumulation_dtype(x.dtype))
 
 
-def _power_sum(x: Array, ord: float, axis: Axes, exponent: Array | None = None) -> Array:
-    """``sum(|x / 2**exponent| ** ord)`` over ``axis`` (kept as size-1 dims); max for ``ord = inf``."""
-    real = not jnp.issubdtype(x.dtype, jnp.complexfloating)
-    value = x.astype(accumulation_dtype(x.dtype)) if real else _magnitude(x)
-    if exponent is not None:  # 0 or +-80 (rescue_exponent): 2**-exponent is one normal float
-        value = value * pow2(-exponent, value.dtype)
-    if ord == np.inf:
-        return jnp.max(jnp.abs(value), axis=axis, keepdims=True, initial=0.0)
-    powered = jnp.abs(value) if ord == 1 else value * value
-    return jnp.sum(powered, axis=axis, keepdims=True)
+def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
+    """The shape of the norms of an array of ``shape`` over ``axis``: the reduced dims kept, of size 1."""
+    reduced = range(len(shape)) if axis is None else [a % len(shape) for a in np.atleast_1d(axis)]
+    return tuple(1 if d in reduced else n for d, n in enumerate(shape))
 
 
-# The rescue divides every entry by 2**80 where a sum overflowed and multiplies it by 2**80 where it underflowed.
-# Down: float32's largest entry becomes 2.8e14, whose square summed over 2**31 entries stays finite, and an entry
-# whose scaled square underflows (below 1.3e5) is under 1e-28 of a sum that overflowed. Up: a sum that underflowed
-# has entries below 3e-16, which become at most 4e8, and every normal float32 entry gets a normal square. A fixed
-# power needs no pass to find the peak and no exponent arithmetic per array, which made the rescue branch compile
-# about as slowly as all the rest of a step.
-_RESCUE_EXPONENT = 80
+def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale: Array | float) -> list[Array]:
+    """``sum(|x * scale| ** ord)`` of every array over its axes (reduced dims kept), float32; ``scale`` is a power
+    of two. In ``lax`` primitives: this runs once per leaf, and tracing cost counts at 1000 leaves.
+
+    The scaling comes first, so that no part of a sum is independent of it (a loop would hoist that part and write
+    out a copy of ``x``).
+    """
+    sums = []
+    for x, axis in zip(arrays, axes):
+        dtype = accumulation_dtype(x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.complexfloating):
+            x = jax.lax.abs(x)
+        value = jax.lax.convert_element_type(x, dtype)
+        if not (isinstance(scale, float) and scale == 1.0):
+            value = jax.lax.mul(value, jax.lax.convert_element_type(scale, dtype))
+        powered = jax.lax.abs(value) if ord == 1 else jax.lax.mul(value, value)
+        dims = _reduced_dims(x.ndim, axis)
+        total = jax.lax.reduce_sum_p.bind(powered, axes=dims, out_sharding=None) if dims else powered
+        sums.append(jax.lax.convert_element_type(jax.lax.reshape(total, unit_shape(x.shape, axis)), jnp.float32))
+    return sums
 
 
-def rescue_exponent(power_sum: Array, zero_suspect: bool = False) -> Array:
-    """Per entry of ``power_sum``: 80 where it overflowed, -80 where it may have underflowed, 0 elsewhere."""
-    power_sum = jax.lax.stop_gradient(power_sum)
-    low = power_sum >= 0 if zero_suspect else power_sum > 0
-    underflow = low & (power_sum < _UNDERFLOW_GUARD)
-    return jnp.where(power_sum == jnp.inf, _RESCUE_EXPONENT, jnp.where(underflow, -_RESCUE_EXPONENT, 0))
+def _reduced_dims(ndim: int, axis: Axes) -> tuple[int, ...]:
+    return tuple(range(ndim)) if axis is None else tuple(sorted({int(a) % ndim for a in np.atleast_1d(axis)}))
+
+
+def flat_values(values: Sequence[Array]) -> Array:
+    """Arrays of any shapes as one vector, in order (empty: a float32 vector of length 0)."""
+    return jnp.concatenate([jnp.ravel(v) for v in values]) if values else jnp.zeros((0,), jnp.float32)
+
+
+def _needs_rescue(first: Array) -> tuple[Array, Array]:
+    """For the vector of every first-pass sum: whether a second pass is needed (a sum overflowed or partly
+    underflowed, or every sum is 0: the whole input may have underflowed), and the one exponent it reads at: 80 if a
+    sum overflowed, else -80."""
+    lost = (first == jnp.inf) | ((first > 0) & (first < _UNDERFLOW_GUARD))
+    needed = jnp.any(lost) | jnp.all(first == 0)
+    return needed, jnp.where(jnp.any(first == jnp.inf), _RESCUE_EXPONENT, -_RESCUE_EXPONENT).astype(jnp.int32)
+
+
+class PowerSums(NamedTuple):
+    """Each array's power sums from the first pass and, where ``needed``, from the second pass at ``2**-exponent``.
+
+    A sum is taken from the second pass where it lost something in the first (overflowed, or below the underflow
+    guard, 0 included). ``flat`` makes that choice once for the vector of every sum, ``per_array`` once per array,
+    so that each array's norm is a buffer of its own (the kernels that read it then stay identical across
+    same-shape leaves, where a slice of a shared vector would make each one different).
+    """
+
+    first: list[Array]
+    second: list[Array]
+    exponent: Array
+    needed: Array
+
+    @staticmethod
+    def _pick(first: Array, second: Array, exponent: Array, needed: Array) -> tuple[Array, Array]:
+        again = needed & ((first == jnp.inf) | (first < _UNDERFLOW_GUARD))  # sums are >= 0 or NaN
+        return jnp.where(again, second, first), jnp.where(again, exponent, 0)
+
+    def flat(self) -> tuple[Array, Array]:
+        return self._pick(flat_values(self.first), flat_values(self.second), self.exponent, self.needed)
+
+    def subset(self, picks: Sequence[int]) -> PowerSums:
+        """The sums of the arrays at ``picks`` (per-array sums only)."""
+        return PowerSums([self.first[i] for i in picks], [self.second[i] for i in picks], self.exponent, self.needed)
+
+    def per_array(self) -> list[tuple[Array, Array]]:
+        return [self._pick(f, s, self.exponent, self.needed) for f, s in zip(self.first, self.second)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _rescued_power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool) -> PowerSums:
+    """Each array's power sums, read a second time on the rare step that needs it (see the module docstring).
+
+    The second read scales every array by one power of two, the one the largest problem needs: where one sum
+    overflowed and another underflowed in the same step, the small one keeps its partly underflowed sum (it is
+    negligible beside the other in any norm that holds both). A custom JVP: the CPU form is a loop, which reverse
+    mode cannot differentiate, and a power sum's derivative needs no rescue.
+
+    ``per_array``: keep each array's sums in buffers of their own (what a per-leaf scale needs, see ``PowerSums``);
+    otherwise one vector of all of them, which costs less to compile (one loop-carried buffer instead of two per
+    array).
+    """
+
+    def measure(scale: Array | float) -> list[Array]:
+        sums = _power_sums(arrays, ord, axes, scale)
+        return sums if per_array else [flat_values(sums)]
+
+    def plan(first: list[Array]) -> tuple[Array, Array]:
+        return _needs_rescue(flat_values(first))
+
+    first, second, exponent, needed = _xla.rare_second_pass(measure, plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT))
+    return PowerSums(first, second, exponent, needed)
+
+
+@_rescued_power_sums.defjvp
+def _rescued_power_sums_jvp(
+    ord: float,
+    axes: Sequence[Axes],
+    per_array: bool,
+    primals: tuple[Sequence[Array]],
+    tangents: tuple[Sequence[Array]],
+) -> tuple[PowerSums, PowerSums]:
+    (arrays,), (directions,) = primals, tangents
+    sums = _rescued_power_sums(arrays, ord, axes, per_array)
+
+    def slopes(scale: Array) -> list[Array]:
+        out = []
+        for x, t, a in zip(arrays, directions, axes):
+            dtype = accumulation_dtype(x.dtype)
+            x, t = x.astype(dtype) * scale.astype(dtype), t.astype(dtype) * scale.astype(dtype)
+            slope = jnp.sign(x) if ord == 1 else 2 * x
+            out.append(jnp.sum(slope * t, axis=_reduced_dims(x.ndim, a), keepdims=True).astype(jnp.float32))
+        return out if per_array else [flat_values(out)]
+
+    no_tangent = np.zeros((), jax.dtypes.float0)
+    return sums, PowerSums(slopes(jnp.float32(1)), slopes(pow2(-sums.exponent)), no_tangent, no_tangent)
 
 
 def _root(power_sum: Array, ord: float) -> Array:
@@ -111,112 +238,90 @@ def _root(power_sum: Array, ord: float) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, power_sum, 1.0)), power_sum)
 
 
-def _needs_rescale(power_sum: Array, zero_suspect: bool) -> Array:
-    return jnp.any(rescue_exponent(power_sum, zero_suspect) != 0)
+def _sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool) -> PowerSums:
+    check_ord(ord)
+    return _rescued_power_sums(list(arrays), ord, tuple(axes), per_array)
 
 
-def _with_rescue(common: Sequence[Array], rescue, operands, zero_suspect: bool = False) -> list[Array]:
-    """``common`` unless any power sum over- or underflowed; then ``rescue(operands, exponents)`` (one ``lax.cond``),
-    ``exponents`` being ``rescue_exponent`` of each common sum.
-
-    ``zero_suspect``: a sum of exactly 0 may be a complete underflow too (see the module docstring).
-    """
-    if not common:
-        return [], []
-    trigger = jnp.any(jnp.stack([_needs_rescale(s, zero_suspect) for s in common]))
-
-    # The exponents are computed inside the branch from the sums it is handed: computed outside, each one is an
-    # array both the trigger and the branch read, which XLA writes out, one more kernel per array on every step.
-    def rescued(xs, sums):
-        return rescue(xs, [rescue_exponent(s, zero_suspect) for s in sums])
-
-    def kept(xs, sums):
-        return list(sums), [jnp.zeros_like(s, jnp.int32) for s in sums]
-
-    return jax.lax.cond(trigger, rescued, kept, operands, list(common))
+def _maxima(arrays: Sequence[Array], axes: Sequence[Axes]) -> list[Array]:
+    """ord inf: a maximum of magnitudes is exact, nothing to rescue."""
+    return [
+        jnp.max(magnitude(x), axis=_reduced_dims(x.ndim, a), keepdims=True, initial=0.0) for x, a in zip(arrays, axes)
+    ]
 
 
-def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
-    """The shape of the norms of an array of ``shape`` over ``axis``: the reduced dims kept, of size 1."""
-    reduced = range(len(shape)) if axis is None else [a % len(shape) for a in np.atleast_1d(axis)]
-    return tuple(1 if d in reduced else n for d, n in enumerate(shape))
-
-
-def flat_unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> NormParts:
-    """The norms of ``unit_norm_parts``, every array's flattened and concatenated into one float32 vector.
-
-    Past the reduction of each array everything is vector arithmetic: the rescue branch hands back two vectors,
-    not two arrays per leaf, and it derives each array's exponents from that array's own sums, so the rescaled
-    reductions are the same kernel for every array of one shape (XLA:CPU compiles identical kernels once).
+def unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
+    """The norms of each array over its ``axes`` (``None``: all of it), float32, with the reduced dims kept (shape
+    ``unit_shape``), so that each broadcasts against its array and is a buffer of its own. One norm per leaf is
+    ``axes = [None] * n``; AGC's one norm per output unit reduces over the unit's input dims; a per-example norm over
+    all dims but the first.
     """
     check_ord(ord)
     if not arrays:
-        empty = jnp.zeros((0,), jnp.float32)
-        return NormParts(empty, empty.astype(jnp.int32))
-    sums = [_power_sum(x, ord, axis) for x, axis in zip(arrays, axes)]
+        return []
+    if ord == math.inf:
+        return [NormParts(p.astype(jnp.float32), jnp.zeros(p.shape, jnp.int32)) for p in _maxima(arrays, axes)]
+    return [NormParts(_root(s, ord), e) for s, e in _sums(arrays, ord, axes, True).per_array()]
 
-    def flat(values):
-        return jnp.concatenate([jnp.ravel(v) for v in values])
 
-    if ord == np.inf:
-        values = flat(sums).astype(jnp.float32)
+def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> NormParts:
+    """``unit_norms`` as one vector, array after array, each array's units in C order: what a statistic or a
+    combined norm needs, at no per-array cost after the reductions."""
+    check_ord(ord)
+    if not arrays:
+        return NormParts(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
+    if ord == math.inf:
+        values = flat_values(_maxima(arrays, axes)).astype(jnp.float32)
         return NormParts(values, jnp.zeros(values.shape, jnp.int32))
-
-    def rescued(xs, sums):
-        exponents = [rescue_exponent(s) for s in sums]
-        return flat([_power_sum(x, ord, axis, e) for x, axis, e in zip(xs, axes, exponents)]), flat(exponents)
-
-    def kept(xs, sums):
-        total = flat(sums)
-        return total, jnp.zeros(total.shape, jnp.int32)
-
-    total, exponents = jax.lax.cond(_needs_rescale(flat(sums), False), rescued, kept, list(arrays), sums)
-    return NormParts(_root(total, ord).astype(jnp.float32), exponents)
+    sums, exponents = _sums(arrays, ord, axes, False).flat()
+    return NormParts(_root(sums, ord), exponents)
 
 
-def unit_norm_parts(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> list[NormParts]:
-    """Norms of each array over its ``axes`` (``None``: all), as float32 ``NormParts`` with the reduced dims kept:
-    ``flat_unit_norm_parts`` cut back into one block per array.
-
-    One norm per leaf is ``axes = [None] * len(arrays)``; AGC's one norm per output unit reduces over the
-    unit's input dims.
-    """
-    flat = flat_unit_norm_parts(arrays, ord, axes)
-    parts, start = [], 0
-    for x, axis in zip(arrays, axes):
-        shape = unit_shape(jnp.shape(x), axis)
-        size = math.prod(shape)
-        block = slice(start, start + size)
-        parts.append(NormParts(flat.mantissa[block].reshape(shape), flat.exponent[block].reshape(shape)))
-        start += size
-    return parts
+def flat(parts: Sequence[NormParts]) -> NormParts:
+    """Norms of several shapes (``unit_norms``' list) as one vector of each, in order."""
+    return NormParts(
+        flat_values([p.mantissa for p in parts]), flat_values([p.exponent for p in parts]).astype(jnp.int32)
+    )
 
 
-def leaf_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
-    """One norm per leaf, as vectors of length ``len(leaves)``."""
-    return flat_unit_norm_parts(leaves, ord, [None] * len(leaves))
+def leaf_norms(leaves: Sequence[Array], ord: float) -> list[NormParts]:
+    """One norm per leaf, each a ``NormParts`` of scalars in buffers of its own."""
+    check_ord(ord)
+    return LeafNorms(leaves, ord).per_leaf()
+
+
+def leaf_norm_vector(leaves: Sequence[Array], ord: float) -> NormParts:
+    """One norm per leaf, as one vector of each half."""
+    check_ord(ord)
+    return LeafNorms(leaves, ord).flat()
+
+
+def combine(parts: NormParts, ord: float, axis: int | None = None) -> NormParts:
+    """The norm of norms (over ``axis``; ``None``: all): the global norm from per-leaf norms, an example's norm from
+    its per-leaf norms. Each norm is divided by the largest one's power of two before the powers are summed, so the
+    sum neither overflows nor loses the large terms; a NaN or Inf norm makes the result non-finite."""
+    check_ord(ord)
+    mantissa, exponent = parts.mantissa, parts.exponent
+    if mantissa.size == 0:
+        shape = () if axis is None else tuple(n for d, n in enumerate(mantissa.shape) if d != axis % mantissa.ndim)
+        return NormParts(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32))
+    usable = jnp.isfinite(mantissa) & (mantissa > 0)
+    binary = jnp.frexp(jax.lax.stop_gradient(jnp.where(usable, mantissa, 1.0)))[1] + exponent
+    lowest = jnp.iinfo(jnp.int32).min
+    top = jnp.max(jnp.where(usable, binary, lowest), axis=axis, keepdims=True, initial=lowest)
+    top = jnp.where(jnp.any(usable, axis=axis, keepdims=True), top, 0)
+    relative = times_pow2(mantissa, exponent - top)  # each in [0, 1]
+    if ord == math.inf:
+        total = jnp.max(relative, axis=axis)
+    else:
+        total = _root(jnp.sum(relative if ord == 1 else relative * relative, axis=axis), ord)
+    return NormParts(total, jnp.squeeze(top, axis=axis) if axis is not None else top.reshape(()))
 
 
 def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
     """One norm over every entry of every leaf (torch ``clip_grad_norm_``'s ``total_norm``)."""
     check_ord(ord)
-    if not leaves:
-        return NormParts(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    sums = [_power_sum(x, ord, None).reshape(()).astype(jnp.float32) for x in leaves]
-    if ord == np.inf:
-        return NormParts(jnp.max(jnp.stack(sums)), jnp.zeros((), jnp.int32))
-    total = sum(sums[1:], sums[0])
-
-    def rescue(xs, exponents):
-        (exponent,) = exponents
-        # Each leaf's factor is tied to its own sum (a NaN sum makes the total NaN whatever its factor): one factor
-        # shared by all leaves was broadcast once per leaf shape and written out in full, a leaf-sized temp buffer.
-        own = [jnp.where(jnp.isnan(s), 0, exponent) for s in sums]
-        rescaled = [_power_sum(x, ord, None, e).reshape(()).astype(jnp.float32) for x, e in zip(xs, own)]
-        return [sum(rescaled[1:], rescaled[0])], [exponent]
-
-    (total,), (exponent,) = _with_rescue([total], rescue, list(leaves), zero_suspect=True)
-    return NormParts(_root(total, ord), exponent)
+    return LeafNorms(leaves, ord).total()
 
 
 def global_norm(tree: Any, ord: float = 2) -> Array:
@@ -244,3 +349,74 @@ def global_norm(tree: Any, ord: float = 2) -> Array:
       3.1623e+38
     """
     return global_norm_parts(jax.tree.leaves(tree), ord).value()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one measurement per step
+
+
+class LeafNorms:
+    """The norm of each of ``leaves`` (the very array objects measured), read once: ``flat()`` as one vector (for a
+    global norm or a statistic), ``per_leaf()`` as one buffer per leaf (for the kernels that scale each leaf).
+
+    Measured when first asked, in the form asked: ``flat()`` alone compiles faster; ``per_leaf()`` serves both. A
+    ``per_leaf()`` after a bare ``flat()`` reads the leaves again (where a guard hands down its global norm to a leaf
+    clip), rather than cut the vector into per-leaf slices (each slice a kernel of its own: slow to compile).
+
+    Handed down through an extra argument (``HANDOVER_ARG``): it is neither a pytree nor an array, so optax wrappers
+    pass it through untouched (``optax.MultiSteps`` treats non-array extra arguments as static) and no state holds it.
+    """
+
+    def __init__(self, leaves: Sequence[Array], ord: float):
+        self.leaves = tuple(leaves)
+        self.ord = ord
+        self._flat: NormParts | None = None
+        self._per_leaf: list[NormParts] | None = None
+        self._index = {id(x): i for i, x in enumerate(self.leaves)}
+
+    def per_leaf(self) -> list[NormParts]:
+        if self._per_leaf is None:
+            parts = unit_norms(self.leaves, self.ord, [None] * len(self.leaves))
+            self._per_leaf = [NormParts(p.mantissa.reshape(()), p.exponent.reshape(())) for p in parts]
+        return self._per_leaf
+
+    def flat(self) -> NormParts:
+        if self._flat is None:
+            if self._per_leaf is not None:
+                self._flat = flat(self._per_leaf)
+            else:
+                self._flat = flat_unit_norms(self.leaves, self.ord, [None] * len(self.leaves))
+        return self._flat
+
+    def total(self) -> NormParts:
+        """The norm over every leaf together (``optclip.global_norm``)."""
+        return combine(self.flat(), self.ord)
+
+    def subset(self, leaves: Sequence[Array], ord: float) -> LeafNorms | None:
+        """The record of ``leaves`` if this one measured each of them (same object, same ord), else ``None``."""
+        if ord != self.ord:
+            return None
+        picks = [self._index.get(id(x)) for x in leaves]
+        if any(i is None or self.leaves[i] is not x for i, x in zip(picks, leaves)):
+            return None
+        if picks == list(range(len(self.leaves))):
+            return self
+        found = LeafNorms(leaves, ord)
+        if self._per_leaf is not None:
+            found._per_leaf = [self._per_leaf[i] for i in picks]
+        elif self._flat is not None:
+            found._flat = self._flat.take(np.asarray(picks, np.int32))  # a gather of scalars: only statistics read it
+        return found
+
+
+def leaf_norms_of(leaves: Sequence[Array], ord: float, extra_args: Mapping[str, Any]) -> LeafNorms:
+    """The norms of ``leaves``: from the record an enclosing transform handed down when it measured these very
+    arrays, else measured here."""
+    record = extra_args.get(HANDOVER_ARG)
+    found = record.subset(leaves, ord) if isinstance(record, LeafNorms) else None
+    return found if found is not None else LeafNorms(leaves, ord)
+
+
+def handing_over(extra_args: Mapping[str, Any], record: LeafNorms) -> dict[str, Any]:
+    """``extra_args`` with ``record`` for the transforms inside."""
+    return {**extra_args, HANDOVER_ARG: record}

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from optclip import _norms
-from optclip._clipping import Threshold, _check_float_leaves, _scaled, _scaling
+from optclip._clipping import Scale, Threshold, apply, capped_ratio, check_float_leaves
 from optclip._norms import NormParts
 from optclip._rules import as_rule, non_negative
 from optclip._stats import ClipStats, make_stats
@@ -38,28 +38,18 @@ class PerExampleState(NamedTuple):
     stats: ClipStats
 
 
-def _example_norm_parts(leaves: Sequence[Array]) -> NormParts:
-    """Each example's 2-norm over every leaf, shape ``(batch,)``, as safe as ``_norms.global_norm_parts``.
-
-    The same pattern as the global norm, one entry per example: plain sums of squares on the common path, and,
-    when any example's sum over- or underflows, one ``lax.cond`` to sums rescaled by a power of two per example.
-    """
+def _example_leaf_norms(leaves: Sequence[Array]) -> list[NormParts]:
+    """Each leaf's per-example 2-norms, shape ``(batch,)`` each."""
     batch = leaves[0].shape[0]
-    axes = [tuple(range(1, x.ndim)) for x in leaves]
+    parts = _norms.unit_norms(leaves, 2, [tuple(range(1, x.ndim)) for x in leaves])
+    return [NormParts(p.mantissa.reshape(batch), p.exponent.reshape(batch)) for p in parts]
 
-    def per_example(x, axis, exponent=None):
-        if exponent is not None:
-            exponent = exponent.reshape((batch,) + (1,) * (x.ndim - 1))
-        return _norms._power_sum(x, 2, axis, exponent).reshape(batch).astype(jnp.float32)
 
-    total = sum(per_example(x, axis) for x, axis in zip(leaves, axes))
-
-    def rescue(xs, exponents):
-        (exponent,) = exponents
-        return [sum(per_example(x, axis, exponent) for x, axis in zip(xs, axes))], [exponent]
-
-    (total,), (exponent,) = _norms._with_rescue([total], rescue, list(leaves))
-    return NormParts(_norms._root(total, 2), exponent)
+def _example_norm_parts(leaves: Sequence[Array]) -> NormParts:
+    """Each example's 2-norm over every leaf, shape ``(batch,)``, as safe as the global norm."""
+    parts = _example_leaf_norms(leaves)
+    stacked = NormParts(jnp.stack([p.mantissa for p in parts]), jnp.stack([p.exponent for p in parts]))
+    return _norms.combine(stacked, 2, axis=0)
 
 
 def _check_batched(leaves: Sequence[Array], paths: Sequence[str], params: Any, updates: Any, name: str) -> int:
@@ -118,10 +108,8 @@ def _measure_flat(leaves: Sequence[Array]) -> _Measured:
     parts = _example_norm_parts(leaves)
 
     def clip(threshold):
-        s = _scaling(parts, threshold)
-        return [
-            _scaled(x, _broadcast_examples(s.first, x), _broadcast_examples(s.second, x)) for x in leaves
-        ], s.clipped
+        s = capped_ratio(parts, threshold)
+        return [apply(x, Scale(*(_broadcast_examples(f, x) for f in s))) for x in leaves], s.clipped
 
     norm = parts.value()
     return _Measured(jnp.isfinite(parts.mantissa), norm, norm, clip)
@@ -129,15 +117,15 @@ def _measure_flat(leaves: Sequence[Array]) -> _Measured:
 
 def _measure_per_leaf(leaves: Sequence[Array], weights: Sequence[float]) -> _Measured:
     batch = leaves[0].shape[0]
-    parts = _norms.unit_norm_parts(leaves, 2, [tuple(range(1, x.ndim)) for x in leaves])
-    leaf_norms = jnp.stack([p.value().reshape(batch) for p in parts])  # (leaves, batch)
+    parts = _example_leaf_norms(leaves)
+    leaf_norms = jnp.stack([p.value() for p in parts])  # (leaves, batch)
     finite = jnp.all(jnp.stack([jnp.isfinite(p.mantissa.reshape(batch)) for p in parts]), axis=0)
     # An example is under the bound iff every leaf is under its share C * w_k, i.e. max_k norm_k / w_k <= C.
     relative = jnp.max(leaf_norms / jnp.asarray(weights, jnp.float32)[:, None], axis=0)
 
     def clip(threshold):
-        scalings = [_scaling(p, threshold * w) for p, w in zip(parts, weights)]
-        clipped = [_scaled(x, s.first, s.second) for x, s in zip(leaves, scalings)]
+        scalings = [capped_ratio(p, threshold * w) for p, w in zip(parts, weights)]
+        clipped = [apply(x, Scale(*(_broadcast_examples(f, x) for f in s))) for x, s in zip(leaves, scalings)]
         return clipped, jnp.any(jnp.stack([s.clipped.reshape(batch) for s in scalings]), axis=0)
 
     return _Measured(finite, jnp.sqrt(jnp.sum(jnp.square(leaf_norms), axis=0)), relative, clip)
@@ -229,7 +217,7 @@ def clip_per_example(
         )
 
     def update_fn(updates, state, params=None):
-        _check_float_leaves(updates, name)
+        check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
         if not leaves:
             return updates, state

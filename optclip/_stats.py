@@ -1,17 +1,57 @@
-"""Clip statistics: each transform keeps its last ones in its state; ``stats`` collects them for a logger."""
+"""Statistics: each transform keeps its last ones in its state; ``stats`` collects them for a logger.
+
+Levels (every transform's ``stats=`` argument): ``"none"`` records nothing; ``"basic"`` (the default) records what
+people log, scalars computed from the norms the transform needs anyway; ``"full"`` adds one value per leaf (or what
+costs an extra pass, such as ``clip_by_value``'s post-clip norm), each reported under the parameter's path.
+
+Where the names live: a per-leaf statistic is a ``PerLeaf`` node, a float32 vector in the state whose leaf names
+are static metadata of the tree (like a dict key), fixed at ``init`` from the parameters' paths. So the state holds
+arrays only (jit, orbax and ``flax.nnx.Optimizer`` see a vector), and ``optclip.stats`` can still say
+``clip_by_leaf_norm/norm/encoder/layers_0/kernel``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
+LEVELS = ("none", "basic", "full")
+
+
+def check_level(level: Any) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"stats must be one of {LEVELS}, got {level!r}")
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PerLeaf:
+    """One float32 value per leaf (a vector), named by the leaves' paths (static, part of the tree structure)."""
+
+    def __init__(self, values: Any, names: Sequence[str | None]):
+        self.values = values
+        self.names = tuple(names)
+
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], tuple[str, ...]]:
+        return [(jax.tree_util.GetAttrKey("values"), self.values)], self.names
+
+    def tree_flatten(self) -> tuple[list[Any], tuple[str, ...]]:
+        return [self.values], self.names
+
+    @classmethod
+    def tree_unflatten(cls, names: tuple[str, ...], children: Sequence[Any]) -> PerLeaf:
+        return cls(children[0], names)
+
+    def __repr__(self) -> str:
+        return f"PerLeaf({self.values!r}, names={self.names!r})"
 
 
 class ClipStats(NamedTuple):
-    """The statistics of one transform, ``{name: {metric: float32 scalar}}``, kept in its state.
+    """The statistics of one transform, ``{name: {metric: float32 scalar or PerLeaf}}``, kept in its state.
 
     The name is a dict key, so it is part of the tree structure (static under ``jax.jit``) while every value stays
     a plain array that checkpoints and shards like any other state.
@@ -23,13 +63,32 @@ class ClipStats(NamedTuple):
       {'enc': ['clipped', 'norm', 'norm_after', 'scale', 'threshold']}
     """
 
-    by_name: dict[str, dict[str, Array]]
+    by_name: dict[str, dict[str, Any]]
 
 
-def make_stats(name: str, metrics: dict[str, Any]) -> ClipStats:
+def make_stats(name: str, metrics: dict[str, Any], level: str = "basic") -> ClipStats:
+    """The record of ``metrics`` under ``name``; empty at level ``"none"``. ``PerLeaf`` values stay vectors."""
+    if level == "none":
+        return ClipStats({})
     # jnp.array copies: a metric that is also a rule-state leaf must not share its buffer, or a jitted step that
     # donates the state fails with "donate the same buffer twice".
-    return ClipStats({name: {key: jnp.array(value, jnp.float32) for key, value in metrics.items()}})
+    return ClipStats({name: {key: _copied(value) for key, value in metrics.items()}})
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, PerLeaf):
+        return PerLeaf(jnp.array(value.values, jnp.float32), value.names)
+    return jnp.array(value, jnp.float32)
+
+
+def leaf_names(tree: Any) -> tuple[str, ...]:
+    """The path of every array leaf of ``tree`` (``None`` and ``optax.MaskedNode`` are not leaves), ``/``-joined:
+    ``{"encoder": {"layers_0": {"kernel": ...}}}`` gives ``"encoder/layers_0/kernel"``."""
+    return tuple(
+        jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
+        if not isinstance(_, optax.MaskedNode)
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -37,13 +96,20 @@ def _plain(value: Any) -> Any:
     return value.get_value() if hasattr(value, "get_value") else value
 
 
+def _records(state: Any) -> list[ClipStats]:
+    state = getattr(state, "opt_state", state)
+    nodes = jax.tree.leaves(state, is_leaf=lambda node: isinstance(node, ClipStats))
+    return [node for node in nodes if isinstance(node, ClipStats)]
+
+
 def stats(state: Any) -> dict[str, Array]:
     """Every optclip statistic found anywhere in an optimizer state, flat and ready for a logger.
 
     Looks through any nesting of containers: ``optax.chain``, ``named_chain``, ``inject_hyperparams``,
     ``MultiSteps``, ``masked``, ``partition``, and the state of a ``flax.nnx.Optimizer`` (pass the optimizer or its
-    ``opt_state``). Keys are ``"<name>/<metric>"``; the name defaults to the transform's own and is set by its
-    ``name=`` argument. The norm clips report:
+    ``opt_state``). Keys are ``"<name>/<metric>"``, and ``"<name>/<metric>/<parameter path>"`` for per-leaf values
+    (``stats="full"``); the name defaults to the transform's own and is set by its ``name=`` argument. The norm clips
+    report:
 
     ``norm``
         the pre-clip norm (leaf and unit scopes: the largest of them);
@@ -56,7 +122,9 @@ def stats(state: Any) -> dict[str, Array]:
     ``clipped``
         1.0 if the step was clipped, else 0.0 (leaf and unit scopes: the fraction of leaves or units clipped).
 
-    Before the first update every value is that of an all-zero step.
+    So in the leaf and unit scopes the summaries come from different leaves: ``norm > threshold`` there does not
+    mean that the leaf with that norm was clipped; ``clipped`` says how many were, and ``stats="full"`` gives each
+    leaf's own values. Before the first update every value is that of an all-zero step.
 
     Args:
       state: an optimizer state (any pytree), or an object with an ``opt_state`` attribute.
@@ -77,16 +145,18 @@ def stats(state: Any) -> dict[str, Array]:
        'clip_by_global_norm/scale': 0.2, 'clip_by_global_norm/norm_after': 1.0,
        'clip_by_global_norm/clipped': 1.0}
     """
-    state = getattr(state, "opt_state", state)
-    records = jax.tree.leaves(state, is_leaf=lambda node: isinstance(node, ClipStats))
     flat: dict[str, Array] = {}
-    for record in records:
-        if not isinstance(record, ClipStats):
-            continue
+    for record in _records(state):
         for name, metrics in record.by_name.items():
-            if any(key.startswith(f"{name}/") for key in flat):
+            if any(key == name or key.startswith(f"{name}/") for key in flat):
                 raise ValueError(
                     f"two optclip transforms in this state are both named {name!r}; pass name= to one of them"
                 )
-            flat.update({f"{name}/{metric}": _plain(value) for metric, value in metrics.items()})
+            for metric, value in metrics.items():
+                if isinstance(value, PerLeaf):
+                    values = _plain(value.values)
+                    named = [(i, leaf) for i, leaf in enumerate(value.names) if leaf is not None]  # None: no parameter
+                    flat.update({f"{name}/{metric}/{leaf}": values[i] for i, leaf in named})
+                else:
+                    flat[f"{name}/{metric}"] = _plain(value)
     return flat

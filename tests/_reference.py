@@ -58,13 +58,19 @@ def agc64(grads, params, clipping, eps=1e-3) -> list[np.ndarray]:
 
 
 def factories() -> dict:
-    """The four transforms by name (imported late: this module is also the reference for optclip's own tests)."""
+    """The four transforms by name (imported late: this module is also the reference for optclip's own tests).
+
+    ``clip_by_value`` records all five clip statistics only at ``stats="full"`` (its default keeps the norm and the
+    bound); the shared tests check all five, so they get that level.
+    """
+    import functools
+
     import optclip
 
     return {
         "clip_by_global_norm": optclip.clip_by_global_norm,
         "clip_by_leaf_norm": optclip.clip_by_leaf_norm,
-        "clip_by_value": optclip.clip_by_value,
+        "clip_by_value": functools.wraps(optclip.clip_by_value)(functools.partial(optclip.clip_by_value, stats="full")),
         "adaptive_grad_clip": optclip.adaptive_grad_clip,
     }
 

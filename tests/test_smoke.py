@@ -8,7 +8,7 @@ import pytest
 import optclip
 
 TRANSFORMS = {
-    "clip_by_value": lambda: optclip.clip_by_value(1.0),
+    "clip_by_value": lambda: optclip.clip_by_value(1.0, stats="full"),
     "clip_by_leaf_norm": lambda: optclip.clip_by_leaf_norm(1.0),
     "clip_by_global_norm": lambda: optclip.clip_by_global_norm(1.0),
     "adaptive_grad_clip": lambda: optclip.adaptive_grad_clip(0.01),

@@ -51,13 +51,22 @@ def test_clip_by_value_stats():
     expected = _named(
         "clip_by_value", (round(np.sqrt(25.25), 5), 1, round(after / np.sqrt(25.25), 5), round(after, 5), 0.5)
     )
-    assert _stats_after(optclip.clip_by_value(1.0), grads) == expected
+    assert _stats_after(optclip.clip_by_value(1.0, stats="full"), grads) == expected
+    # The default level keeps what the clamp needs no extra read for: the pre-clip norm and the bound.
+    assert _stats_after(optclip.clip_by_value(1.0), grads) == {
+        "clip_by_value/norm": round(np.sqrt(25.25), 5),
+        "clip_by_value/threshold": 1.0,
+    }
 
 
-@pytest.mark.parametrize("factory", [optclip.clip_by_global_norm, optclip.clip_by_leaf_norm, optclip.clip_by_value])
-def test_stats_before_the_first_update_are_an_all_zero_step(factory):
+@pytest.mark.parametrize(
+    "factory",
+    [optclip.clip_by_global_norm, optclip.clip_by_leaf_norm, lambda c: optclip.clip_by_value(c, stats="full")],
+    ids=["clip_by_global_norm", "clip_by_leaf_norm", "clip_by_value"],
+)
+def test_stats_before_the_first_update_are_an_all_zero_step(factory, request):
     tx = factory(1.0)
-    name = factory.__name__
+    name = request.node.callspec.id
     stats = {k: float(v) for k, v in optclip.stats(tx.init({"w": jnp.ones(3)})).items()}
     assert stats == _named(name, (0.0, 0.0, 1.0, 0.0, 0.0))
     assert all(v.dtype == jnp.float32 and v.shape == () for v in optclip.stats(tx.init({"w": jnp.ones(3)})).values())

@@ -1,0 +1,143 @@
+"""AdaGC (Wang et al. 2025): a global clip during warm-up, then every tensor clipped to its own EMA.
+
+Two scopes in one transform: the warm-up clips the global norm, afterwards each leaf has its own threshold from
+``optclip.ema``. The global norm comes from the per-leaf norms, so the gradients are read once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import optax
+
+from optclip import _norms, _xla
+from optclip._adaptive import EMA
+from optclip._clipping import (
+    ClipState,
+    Scale,
+    Slots,
+    apply,
+    capped_ratio,
+    check_float_leaves,
+    clip_by_leaf_norm,
+    computed_once,
+    leafwise_rule_metrics,
+    leafwise_rule_update,
+    norms_for_ord,
+)
+from optclip._rules import non_negative
+from optclip._stats import make_stats
+
+
+def adagc(
+    factor: float = 1.05,
+    decay: float = 0.98,
+    warmup: int = 100,
+    warmup_max_norm: float | None = 1.0,
+    *,
+    ord: float = 2,
+    stats: str = "basic",
+    name: str = "adagc",
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaGC as in the paper: a global clip during warm-up, then every tensor clipped to its own EMA.
+
+    For the first ``warmup`` steps with a finite gradient the whole gradient is clipped to the global norm
+    ``warmup_max_norm`` (the paper's :math:`\lambda_{abs}`), and each tensor :math:`i` tracks
+    :math:`\gamma_i = \min(\gamma_i, \|\tilde g_i\|)`, the norm of its gradient after that global clip (from
+    :math:`\gamma_i = \infty`). Afterwards, per tensor, with :math:`\lambda` = ``factor`` and :math:`\beta` = ``decay``:
+
+    .. math:: g_i \leftarrow \min\Big(1, \frac{\lambda\gamma_i}{\|g_i\|}\Big) g_i, \qquad
+              \gamma_i \leftarrow \beta\gamma_i + (1 - \beta)\,\|g_i\|_{\text{clipped}}
+
+    (Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining",
+    arXiv:2502.11034, Algorithm 1). Each tensor is one leaf of the gradient tree. The per-tensor rule is
+    ``optclip.ema``, whose docstring explains the zero-norm guard; a tensor still in its own warm-up when the global
+    one ends (it has not seen a positive norm yet) is clipped to ``warmup_max_norm`` on its own until it leaves it.
+
+    A step whose global norm is not finite passes through unchanged during warm-up and neither counts towards it
+    nor moves any :math:`\gamma` (every tensor sees it as non-finite, so all tensors leave warm-up together);
+    afterwards a tensor with a NaN or Inf keeps its :math:`\gamma` and passes through unchanged, as in
+    ``clip_by_leaf_norm``.
+
+    Args:
+      factor: :math:`\lambda \ge 0` (the paper's :math:`\lambda_{rel}`).
+      decay: :math:`\beta`, in (0, 1).
+      warmup: the number of warm-up steps with a finite gradient, >= 0.
+      warmup_max_norm: the global threshold during warm-up, >= 0, or ``None`` for none.
+      ord: the norm, 1, 2 or ``inf``.
+      stats: ``"basic"`` (default): those of the global clip during warm-up and of ``clip_by_leaf_norm``
+        afterwards (largest leaf ``norm``, smallest ``threshold``, fraction ``clipped``), plus ``gamma``, the mean of
+        the :math:`\gamma_i` (``inf`` while a tensor has not seen a positive norm); ``"none"`` records nothing.
+      name: the prefix of its statistics in ``optclip.stats``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with the state of ``clip_by_leaf_norm``.
+
+    Example:
+      >>> import jax.numpy as jnp, optclip
+      >>> tx = optclip.adagc(warmup=1)
+      >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
+      >>> _, state = tx.update({"a": jnp.array([3.0]), "b": jnp.array([4.0])}, state)  # global clip to 1
+      >>> updates, state = tx.update({"a": jnp.array([30.0]), "b": jnp.array([4.0])}, state)
+      >>> print(round(float(updates["a"][0]), 4), round(float(updates["b"][0]), 4))  # gamma_a = 0.6 after the clip
+      0.63 4.0
+    """
+    rule = EMA(factor, decay, warmup, warmup_max_norm)
+    if stats == "full":
+        raise ValueError(f"adagc takes stats='basic' or 'none', got {stats!r}")
+    per_leaf_clip = clip_by_leaf_norm(rule, ord=ord, stats=stats, name=name)  # validates; its state is adagc's
+    cap = non_negative(jnp.asarray(jnp.inf if warmup_max_norm is None else warmup_max_norm, jnp.float32))
+
+    def update_fn(updates: Any, state: ClipState, params: Any = None, **extra_args: Any) -> tuple[Any, ClipState]:
+        del params
+        check_float_leaves(updates, name)
+        slots = Slots.of(updates)
+        leaves = [slots.values[i] for i in slots.present]
+
+        def measure(o: float) -> tuple[list[_norms.NormParts], _norms.NormParts]:
+            measured = _norms.leaf_norms_of(leaves, o, extra_args)
+            return measured.per_leaf(), measured.total()
+
+        parts, whole = norms_for_ord(ord, measure)
+        size = len(slots.values)
+        warming = jnp.max(state.rule_state.seen, initial=0) < jnp.asarray(warmup)
+        global_scale = capped_ratio(whole, cap)
+        # During warm-up the rule sees each tensor's norm after the global clip, or NaN for all on a non-finite step.
+        seen_norm = jnp.where(warming, jnp.where(jnp.isfinite(whole.value()), global_scale.value, jnp.nan), 1.0)
+        norms = jnp.full((size,), jnp.nan, jnp.float32)
+        if leaves:
+            norms = norms.at[jnp.asarray(slots.present)].set(jnp.stack([p.value() for p in parts]))
+        thresholds, rule_state = leafwise_rule_update(rule, norms * seen_norm, state.rule_state, state.count)
+
+        one = _xla.runtime_one(state.count)
+        own = [_xla.computed_once(thresholds[i], one) for i in slots.present]
+        leaf_scales = [capped_ratio(p, t) for p, t in zip(parts, own)]
+        shared = computed_once(global_scale, one)
+        clipped = []
+        for x, s in zip(leaves, leaf_scales):
+            chosen = Scale(*(jnp.where(warming, w, own) for w, own in zip(shared, s)))
+            clipped.append(apply(x, chosen))
+
+        def pick(global_value: Any, leaf_value: Any) -> Any:
+            return jnp.where(warming, global_value, leaf_value)
+
+        leaf_values = jnp.stack([p.value() for p in parts]) if parts else jnp.zeros((0,))
+        present_thresholds = thresholds[jnp.asarray(slots.present, jnp.int32)] if parts else jnp.zeros((0,))
+        leaf_clipped = jnp.stack([s.clipped for s in leaf_scales]) if parts else jnp.zeros((0,), bool)
+        leaf_after = jnp.where(leaf_clipped, present_thresholds, leaf_values)
+        metrics = {
+            "norm": pick(whole.value(), jnp.max(leaf_values, initial=0.0)),
+            "threshold": pick(cap, jnp.min(present_thresholds, initial=jnp.inf)),
+            "scale": pick(
+                global_scale.value,
+                jnp.min(jnp.stack([s.value for s in leaf_scales]) if parts else jnp.ones((0,)), initial=1.0),
+            ),
+            "norm_after": pick(jnp.where(global_scale.clipped, cap, whole.value()), jnp.max(leaf_after, initial=0.0)),
+            "clipped": pick(global_scale.clipped, jnp.mean(leaf_clipped) if parts else 0.0),
+            **leafwise_rule_metrics(rule, rule_state, size),
+        }
+        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics, stats))
+        return slots.rebuilt(clipped), new_state
+
+    return optax.GradientTransformationExtraArgs(per_leaf_clip.init, update_fn)

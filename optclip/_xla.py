@@ -1,0 +1,103 @@
+"""What exists only to steer XLA: each item here changes how optclip's math is compiled, never what it computes.
+
+A future XLA that no longer needs one of these can drop it here, in one place; each names the test that shows why
+it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
+
+* ``computed_once``: XLA's fusion copies a cheap producer (adds, selects, a slice) into every kernel that reads it,
+  so a scalar chain read by the update kernel of each of 1000 leaves is compiled 1000 times, and a vector slice
+  read by each leaf's kernel makes every such kernel different (XLA:CPU compiles identical kernels once). A
+  division is never copied this way; dividing by a 1 that XLA only learns at run time is exact and ends the chain
+  in a kernel of its own. Test: ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``.
+* ``rare_second_pass``: the norm rescue reads the gradients a second time only on the rare step that needs it. On
+  CPU a loop that runs its body once more when asked costs nothing and holds the reductions once (a ``lax.cond``
+  would compile every reduction a second time inside its branch). On GPU a loop or conditional reads its
+  predicate back to the host, a stream synchronisation per step, so there both passes are taken in the same read
+  (sibling reductions of one input fuse into one kernel) and the result is selected. Test:
+  ``test_the_rescue_is_one_loop_on_cpu_and_branch_free_elsewhere``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+T = TypeVar("T")
+
+
+def runtime_one(count: Array) -> Array:
+    """A float32 1 that XLA cannot fold: ``count`` (a step counter, never negative) is only known at run time."""
+    return (jnp.asarray(count) >= 0).astype(jnp.float32)
+
+
+def computed_once(x: Array, one: Array) -> Array:
+    """``x`` unchanged, computed in a kernel of its own that every reader shares (see the module docstring)."""
+    return x / one.astype(x.dtype)
+
+
+def blocks(vector: Array, one: Array, shapes: Sequence[tuple[int, ...]]) -> list[Array]:
+    """``vector`` cut into consecutive blocks of ``shapes``, each computed once in a buffer of its own, so that the
+    update kernels of same-shape leaves read identical inputs and stay identical kernels."""
+    out, start = [], 0
+    for shape in shapes:
+        size = 1
+        for n in shape:
+            size *= n
+        out.append(computed_once(vector[start : start + size].reshape(shape), one))
+        start += size
+    return out
+
+
+def rare_second_pass(
+    measure: Callable[[Array | float], list[Array]],
+    plan: Callable[[list[Array]], tuple[Array, Array]],
+    candidates: tuple[int, int],
+) -> tuple[list[Array], list[Array], Array, Array]:
+    """``(first, second, exponent, needed)``: ``first = measure(1.0)``, ``(needed, exponent) = plan(first)``, and
+    where ``needed``, ``second = measure(2.0**-exponent)`` (``exponent`` is one of ``candidates``; else ``second`` is
+    unspecified). ``measure`` takes the power of two to scale its input by.
+
+    On CPU and TPU a loop whose body is the one ``measure``, run a second time only when needed: its kernels are
+    compiled once and a step pays the second read only when it takes it. Elsewhere (GPU) ``measure`` at 1 and at
+    both candidates, each array read once for all three (XLA fuses sibling reductions of one input into one
+    kernel), so that no predicate leaves the device.
+    """
+    Carry = tuple[Array, Array, Array, Array, list[Array], list[Array]]  # passes, needed, exponent, scale, sums
+
+    def in_a_loop() -> tuple[list[Array], list[Array], Array, Array]:
+        def again(carry: Carry) -> Array:
+            taken, needed = carry[0], carry[1]
+            return (taken == 0) | ((taken == 1) & needed)
+
+        def take(carry: Carry) -> Carry:
+            taken, needed, exponent, scale, first, _ = carry
+            latest = measure(scale)
+            first = [jnp.where(taken == 0, new, old) for new, old in zip(latest, first)]
+            planned_needed, planned_exponent = plan(first)
+            # The scale of the second pass, computed once here rather than in every kernel that reads the arrays.
+            next_scale = 2.0 ** -planned_exponent.astype(jnp.float32)
+            keep = taken > 0
+            return (
+                taken + 1,
+                jnp.where(keep, needed, planned_needed),
+                jnp.where(keep, exponent, planned_exponent),
+                jnp.where(keep, scale, next_scale),
+                first,
+                latest,
+            )
+
+        shapes = jax.eval_shape(measure, 1.0)
+        empty = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+        start = (jnp.int32(0), jnp.bool_(False), jnp.int32(0), jnp.float32(1), empty, empty)
+        _, needed, exponent, _, first, second = jax.lax.while_loop(again, take, start)
+        return first, second, exponent, needed
+
+    def in_one_read() -> tuple[list[Array], list[Array], Array, Array]:
+        first, high, low = (measure(2.0**-e) for e in (0, *candidates))
+        needed, exponent = plan(first)
+        return first, [jnp.where(exponent == candidates[0], h, lo) for h, lo in zip(high, low)], exponent, needed
+
+    return jax.lax.platform_dependent(cpu=in_a_loop, tpu=in_a_loop, default=in_one_read)
