@@ -545,6 +545,8 @@ class QuantileState(NamedTuple):
 class Quantile:
     """The quantile-tracking rule; build it with ``optclip.quantile``, which documents it."""
 
+    accepts_norm_vector: ClassVar[bool] = True  # b_t is the fraction of the given norms at or below C
+
     target: Any = 0.5
     learning_rate: Any = 0.2
     initial: Any = 1.0
