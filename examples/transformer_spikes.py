@@ -244,15 +244,24 @@ class RunResult:
 
 @dataclasses.dataclass
 class LayerCurve(_common.Curve):
-    """A run's per-step loss and gradient norm, and the gradient norm of each layer, for the figure."""
+    """A run's per-step loss and gradient norm, each layer's gradient norm, and the threshold the global norm was
+    held to (a global clip's, or the guards' skip threshold; NaN where there is none), for the figure."""
 
     layers: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    threshold: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, record: dict[str, Any]) -> None:
         super().add(record)
         for key, value in record.items():
             if key.startswith("layer_norm/"):
                 self.layers.setdefault(key.split("/", 1)[1], []).append(value)
+        # A clip whose own norm is the global one (global, zclip, autoclip; not adagc's per-tensor largest norm).
+        global_clip = record["threshold"] is not None and math.isclose(
+            record["norm"], record["grad_norm"], rel_tol=1e-4
+        )
+        armed = record.get("skip_on_spike/armed")  # before it, the guards skip only non-finite steps
+        threshold = record["threshold"] if global_clip else record.get("skip_on_spike/threshold") if armed else None
+        self.threshold.append(math.nan if threshold is None else threshold)
 
 
 def make_step(
@@ -375,11 +384,18 @@ def plot_layers(
         loss_ax.set_yscale("log")
         loss_ax.set_title(f"{method}: loss", fontsize=10)
         loss_ax.legend(fontsize=8)
-        for layer, norms in curve.layers.items():
-            norm_ax.plot(steps[: len(norms)], np.asarray(norms, float), lw=0.7, label=layer)
+        # Input side to output side, dark to light.
+        layers = sorted(curve.layers, key=lambda name: (name != "embed", name == "head", name))
+        colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(layers)))
+        for layer, color in zip(layers, colors):
+            norm_ax.plot(steps, np.asarray(curve.layers[layer], float), lw=0.7, color=color, label=layer)
+        norm_ax.plot(steps, np.asarray(curve.grad_norm, float), lw=0.5, color="grey", alpha=0.6, label="global")
+        if not np.all(np.isnan(np.asarray(curve.threshold, float))):
+            label = "skip threshold" if method.endswith("guards") else "clip threshold"
+            norm_ax.plot(steps, np.asarray(curve.threshold, float), "--", lw=0.9, color="tab:red", label=label)
         norm_ax.set_yscale("log")
-        norm_ax.set_title(f"{method}: gradient norm per layer (before clipping)", fontsize=10)
-        norm_ax.legend(fontsize=7, ncol=3)
+        norm_ax.set_title(f"{method}: gradient norm per layer, before any clip", fontsize=10)
+        norm_ax.legend(fontsize=7, ncol=4)
         for ax in (loss_ax, norm_ax):
             ax.grid(True, which="major", alpha=0.3)
     for ax in axes[-1]:
@@ -394,7 +410,7 @@ def plot_layers(
 
 DEFAULT_METHODS = ("none", "global", "zclip", "adagc", "autoclip", "guards")
 # What --quick changes: fewer seeds and steps, a smaller timing phase; the model and the learning rate stay.
-QUICK = {"seeds": 1, "steps": 300, "eval_every": 100, "timing_rounds": 4, "valid_size": 256}
+QUICK = {"seeds": 1, "steps": 300, "eval_every": 100, "timing_rounds": 10, "valid_size": 256}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--norm-spike-factor", type=float, default=5.0, help="a gradient-norm spike: norm above this x running median"
     )
     parser.add_argument("--spike-window", type=int, default=50, help="steps in the running median of a spike")
-    parser.add_argument("--timing-rounds", type=int, default=10, help="interleaved rounds of the step-time phase")
+    parser.add_argument("--timing-rounds", type=int, default=30, help="interleaved rounds of the step-time phase")
     parser.add_argument("--timing-steps", type=int, default=5, help="steps of each method per timing round")
     _common.add_common_args(parser, script="transformer_spikes", methods=DEFAULT_METHODS)
     return parser
@@ -452,11 +468,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     lrs, methods = (args.sweep_lr, args.sweep_methods) if args.sweep else ([args.lr], args.methods)
     title = "Transformer learning-rate sweep" if args.sweep else "Loss spikes in a transformer"
     report = _common.Report(args.out, title, __file__, argv)
+    seeds = f"{args.seeds} seed" + "s" * (args.seeds != 1)
     params = parameter_count(Transformer(args.dim, args.depth, args.heads, rngs=nnx.Rngs(0)))
     notes = [
         f"model: {args.depth} pre-LN blocks, width {args.dim}, {args.heads} heads, {params:,} parameters; "
-        f"AdamW b2 {args.b2}, weight decay {args.weight_decay}, {args.warmup} warm-up steps then cosine to lr/10; "
-        f"batch {args.batch} x {LENGTH - 1} tokens, {args.steps} steps, {args.seeds} seeds",
+        f"AdamW b2 {args.b2}, weight decay {args.weight_decay}, {args.warmup} warm-up steps then "
+        + ("cosine to lr/10" if args.schedule == "cosine" else "constant")
+        + f"; batch {args.batch} x {LENGTH - 1} tokens, {args.steps} steps, {seeds}",
         f"validation: {args.valid_size} sequences; lowest possible loss {language.optimal_loss(valid):.3f}, "
         f"uniform guess {UNIFORM_LOSS:.3f}",
         f"spike: a step whose loss exceeds {args.spike_factor} x the median of the {args.spike_window} before it "
@@ -505,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ]
         tables["methods"] = rows
         headers = [*HEADERS, "step time / none: median (min-max)"]
-        report.add(f"AdamW lr {args.lr:g}, {args.seeds} seeds", _common.markdown_table(headers, rows))
+        report.add(f"AdamW lr {args.lr:g}, {seeds}", _common.markdown_table(headers, rows))
         plot_layers(
             args.out / "transformer.png",
             curves,
