@@ -1,7 +1,7 @@
-"""What the three example scripts share: the clipping methods, the train step, logging, the figure and the table.
+"""What the example scripts share: the clipping methods, the train step, logging, timing, the figure and the table.
 
-Each script (``bptt_lstm.py``, ``exploding_mlp.py``, ``sequential_digits.py``) defines its data, its model and its
-loop; everything that would otherwise be copied between them lives here.
+Each script (``bptt_lstm.py``, ``exploding_mlp.py``, ``sequential_digits.py``, ``transformer_spikes.py``) defines its
+data, its model and its loop; everything that would otherwise be copied between them lives here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,8 +30,9 @@ from flax import nnx
 
 import optclip
 
-# Each method maps the parsed CLI to a clip (None: no clipping). An adaptive rule from optclip is one more line here;
-# a method whose optclip function does not exist yet (see ``_REQUIRES``) is simply not offered.
+# Each method maps the parsed CLI to a clip chained before the optimizer (None: no clipping), or to a guard wrapped
+# around it. An adaptive rule from optclip is one more line here; a method whose optclip function does not exist yet
+# (see ``_REQUIRES``) is simply not offered.
 CLIPS: dict[str, Callable[[argparse.Namespace], optax.GradientTransformation | None]] = {
     "none": lambda args: None,
     "value": lambda args: optclip.clip_by_value(args.clip_value),
@@ -39,8 +41,15 @@ CLIPS: dict[str, Callable[[argparse.Namespace], optax.GradientTransformation | N
     "agc": lambda args: optclip.adaptive_grad_clip(args.agc),
     "autoclip": lambda args: optclip.autoclip(),
     "zclip": lambda args: optclip.zclip(),
+    "adagc": lambda args: optclip.adagc(),
 }
-_REQUIRES = {"autoclip": "autoclip", "zclip": "zclip"}
+GUARDS: dict[str, Callable[[optax.GradientTransformation], optax.GradientTransformation]] = {
+    "guards": lambda tx: optclip.skip_on_spike(optclip.skip_nonfinite(tx)),
+}
+_REQUIRES = {"autoclip": "autoclip", "zclip": "zclip", "adagc": "adagc", "guards": "skip_on_spike"}
+
+# What the recurrent and MLP scripts compare unless --methods says otherwise: their published tables use these.
+CLASSIC_METHODS = ("none", "value", "leaf", "global", "agc", "autoclip", "zclip")
 
 # What each method means, for --help and the tables.
 DESCRIPTIONS = {
@@ -51,19 +60,32 @@ DESCRIPTIONS = {
     "agc": "adaptive_grad_clip(--agc)",
     "autoclip": "autoclip() (AutoClip, 10th percentile)",
     "zclip": "zclip() (ZClip, z-score 2.5)",
+    "adagc": "adagc() (AdaGC, each tensor to 1.05 x an EMA of its norm)",
+    "guards": "skip_on_spike(skip_nonfinite(optimizer)) (no clip; a step whose gradient norm is not finite or "
+    "above mean + 6 std of the last 128 is skipped)",
 }
 
 
 def available_methods() -> list[str]:
     """The methods this optclip provides, in table order."""
-    return [name for name in CLIPS if name not in _REQUIRES or hasattr(optclip, _REQUIRES[name])]
+    return [name for name in (*CLIPS, *GUARDS) if name not in _REQUIRES or hasattr(optclip, _REQUIRES[name])]
 
 
 def make_clip(method: str, args: argparse.Namespace) -> optax.GradientTransformation | None:
     """The clip a method name stands for, with its threshold from the CLI; None for ``"none"``."""
-    if method not in available_methods():
-        raise ValueError(f"unknown or unavailable method {method!r}; choose from {available_methods()}")
+    if method not in available_methods() or method not in CLIPS:
+        raise ValueError(f"unknown or unavailable clip {method!r}; choose from {list(CLIPS)}")
     return CLIPS[method](args)
+
+
+def make_transform(
+    method: str, optimizer: optax.GradientTransformation, args: argparse.Namespace
+) -> optax.GradientTransformation:
+    """``optax.chain(<clip>, optimizer)`` for a clip, ``<guard>(optimizer)`` for a guard, ``optimizer`` for none."""
+    if method in GUARDS and method in available_methods():
+        return GUARDS[method](optimizer)
+    clip = make_clip(method, args)
+    return optimizer if clip is None else optax.chain(clip, optimizer)
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float) -> optax.GradientTransformation:
@@ -78,42 +100,58 @@ def make_optimizer(name: str, learning_rate: float, momentum: float) -> optax.Gr
 def make_nnx_optimizer(
     model: nnx.Module, method: str, optimizer: optax.GradientTransformation, args: argparse.Namespace
 ) -> nnx.Optimizer:
-    """``nnx.Optimizer`` over the model's parameters with ``optax.chain(<clip>, <optimizer>)``."""
-    clip = make_clip(method, args)
-    tx = optimizer if clip is None else optax.chain(clip, optimizer)
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    """``nnx.Optimizer`` over the model's parameters with the method's transform (``make_transform``)."""
+    return nnx.Optimizer(model, make_transform(method, optimizer, args), wrt=nnx.Param)
 
 
-@functools.partial(nnx.jit, static_argnames="loss_fn")
+GradMetrics = Callable[[Any], dict[str, jax.Array]]
+StepFn = Callable[[np.ndarray, np.ndarray], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+@functools.partial(nnx.jit, static_argnames=("loss_fn", "grad_metrics"))
 def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array, loss_fn: Callable[..., jax.Array]
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    x: jax.Array,
+    y: jax.Array,
+    loss_fn: Callable[..., jax.Array],
+    grad_metrics: GradMetrics | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """One update; returns the loss, the global 2-norm of the raw gradient and the clip statistics."""
+    """One update; returns the loss, the global 2-norm of the raw gradient and the statistics of every optclip
+    transform in the optimizer, plus ``grad_metrics(grads)`` when given (measured on the raw gradient)."""
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
-    return loss, optclip.global_norm(grads), optclip.stats(optimizer)
+    extra = grad_metrics(grads) if grad_metrics is not None else {}
+    return loss, optclip.global_norm(grads), {**optclip.stats(optimizer), **extra}
 
 
 def bind_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable[..., jax.Array]
-) -> Callable[[np.ndarray, np.ndarray], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]:
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    loss_fn: Callable[..., jax.Array],
+    grad_metrics: GradMetrics | None = None,
+) -> StepFn:
     """``train_step`` for this model and optimizer, called as ``step(x, y)``.
 
     ``nnx.cached_partial`` walks the two object graphs once instead of on every call: on these small models that
     halves the time of a step (the result is the same, to the bit)."""
-    return functools.partial(nnx.cached_partial(train_step, model, optimizer), loss_fn=loss_fn)
+    cached = nnx.cached_partial(train_step, model, optimizer)
+    return functools.partial(cached, loss_fn=loss_fn, grad_metrics=grad_metrics)
 
 
-def step_record(loss: Any, grad_norm: Any, clip_stats: dict[str, Any]) -> dict[str, float | None]:
-    """The per-step JSONL fields. ``norm``, ``norm_after``, ``threshold`` and ``clipped`` come from
+def step_record(loss: Any, grad_norm: Any, stats: dict[str, Any]) -> dict[str, float | None]:
+    """The per-step JSONL fields. ``norm``, ``norm_after``, ``threshold`` and ``clipped`` are the clip's, from
     ``optclip.stats`` (``norm`` is the clip's own pre-clip measure: the largest leaf norm for ``leaf``, the largest
     gradient-to-weight ratio for ``agc``); ``grad_norm`` is the global norm of the raw gradient for every method.
-    Without a clip, nothing is clipped and the norms are the raw gradient's."""
-    record = {"loss": float(loss), "grad_norm": float(grad_norm)}
-    if clip_stats:
-        record.update({key.split("/", 1)[1]: float(value) for key, value in clip_stats.items()})
-    else:
+    Without a clip, nothing is clipped and the norms are the raw gradient's. The clip is the transform that reports
+    ``clipped``; every other statistic (a guard's, a monitor's) keeps its full ``<name>/<metric>`` key."""
+    record: dict[str, float | None] = {"loss": float(loss), "grad_norm": float(grad_norm)}
+    clip = next((key.split("/", 1)[0] for key in stats if key.endswith("/clipped") and key.count("/") == 1), None)
+    if clip is None:
         record.update(norm=record["grad_norm"], norm_after=record["grad_norm"], threshold=None, clipped=0.0)
+    for key, value in stats.items():
+        name, metric = key.split("/", 1)
+        record[metric if name == clip else key] = float(value)
     return record
 
 
@@ -138,6 +176,7 @@ class Tracker:
     nonfinite_steps: int = 0  # steps with a non-finite loss or gradient (a diverged run: every step it had left)
     max_grad_norm: float = 0.0  # the largest finite gradient norm seen
     clipped_steps: int = 0  # steps where the clip acted (for a leaf or unit clip: on at least one leaf or unit)
+    skipped_steps: int = 0  # steps a guard skipped (no parameter or optimizer-state change)
     diverged_step: int | None = None  # the step after which the parameters were non-finite
 
     def observe(self, record: dict[str, Any], model: nnx.Module) -> bool:
@@ -146,6 +185,7 @@ class Tracker:
         if math.isfinite(record["grad_norm"]):
             self.max_grad_norm = max(self.max_grad_norm, record["grad_norm"])
         self.clipped_steps += bool(record["clipped"])
+        self.skipped_steps += any(value for key, value in record.items() if key.endswith("/skipped"))
         if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
             return False
         self.nonfinite_steps += 1
@@ -208,6 +248,27 @@ def fit_epochs(
     return tracker, curve
 
 
+def interleaved_times(
+    steps: dict[str, Callable[[], Any]], rounds: int, calls: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each of ``steps`` (each waited for with ``jax.block_until_ready``), one value per round.
+
+    Each round calls every step ``calls`` times, the steps in a fresh shuffled order, so that a change of load on a
+    shared machine hits every step alike; compare steps round by round. One untimed round first (compilation)."""
+    rng = np.random.default_rng(seed)
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds + 1):
+        for index in rng.permutation(len(names)):
+            name = names[index]
+            start = time.perf_counter()
+            for _ in range(calls):
+                jax.block_until_ready(steps[name]())
+            if round_:
+                times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -257,7 +318,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, script: str, methods: Se
         "--methods",
         nargs="+",
         choices=choices,
-        default=list(methods or choices),
+        default=[m for m in (methods or CLASSIC_METHODS) if m in choices],
         metavar="METHOD",
         help="clipping methods to compare, from: " + "; ".join(f"{m} = {DESCRIPTIONS[m]}" for m in choices),
     )
@@ -317,14 +378,41 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def _vector_isa() -> str:
+    """The widest vector instructions XLA:CPU may use here, which decide the rounding of its reductions and
+    elementwise code (so the trajectory of a chaotic run): AVX-512, AVX2 with FMA, or neither; and ``XLA_FLAGS``."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = set(next(line for line in info if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2+FMA" if {"avx2", "fma"} <= flags else "no AVX2/FMA or unknown"
+    return isa + (f", XLA_FLAGS={os.environ['XLA_FLAGS']}" if os.environ.get("XLA_FLAGS") else "")
+
+
+def code_version() -> str:
+    """The commit the run used, and whether optclip/ or examples/ differed from it (a table is only reproducible
+    from a commit)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "optclip", "examples")
+    except (OSError, subprocess.CalledProcessError):
+        return f"optclip {optclip.__version__} (not a git checkout)"
+    return f"commit {commit}" + (" with uncommitted changes in optclip/ or examples/" if dirty else "")
+
+
 def _load() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def machine() -> str:
-    """The processor, the cores and the software, for the record."""
+    """The processor, its vector instructions, the cores and the software, for the record."""
     return (
-        f"{_cpu_name()}, {os.cpu_count()} cores visible; "
+        f"{_cpu_name()} ({_vector_isa()}), {os.cpu_count()} cores visible; "
         f"Python {platform.python_version()}, jax {jax.__version__} on {jax.default_backend()}"
     )
 
@@ -340,6 +428,7 @@ class Report:
         shown = script_path.relative_to(Path.cwd()) if script_path.is_relative_to(Path.cwd()) else script_path
         self.command = "python " + shlex.join([str(shown), *(sys.argv[1:] if argv is None else argv)])
         self.load_at_start = _load()
+        self.code = code_version()  # at the start: the code the run imported
         self.started = datetime.datetime.now(datetime.timezone.utc)
         self._start = time.perf_counter()
         self._cpu_start = time.process_time()
@@ -358,6 +447,7 @@ class Report:
             f"- date: {self.started:%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min, "
             f"CPU time {(time.process_time() - self._cpu_start) / 60:.1f} min (this process, all threads)",
             f"- machine: {machine()}",
+            f"- code: {self.code}",
             f"- load average (1, 5, 15 min; the cores are shared): {self.load_at_start} at the start, "
             f"{_load()} at the end",
             *(f"- {note}" for note in notes),

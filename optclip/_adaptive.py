@@ -8,11 +8,12 @@ once per leaf, each leaf with its own statistics.
 Shared conventions, so that the rules behave alike:
 
 * A warm-up counts the finite norms the rule has seen, not steps, so a NaN step neither enters the statistics nor
-  shortens a warm-up (``adagc``'s global warm-up is the exception: the paper counts steps).
+  shortens a warm-up (``optclip.ema`` states what a transform with a global warm-up, ``adagc``, must do to keep
+  its own count in step with its rules').
 * A non-finite norm leaves the state exactly as it was (each rule guards itself, so calling ``update`` directly is
   safe too) and the threshold is the one the old state gives.
 * ``inf`` as a threshold means "no limit": it is what a rule reports while it has nothing to go on (an empty history,
-  a warm-up without a cap).
+  a warm-up without a cap, an AdaGC tensor that has not had a positive norm).
 * Statistics are float32 and every update is written so that constant norms give exactly constant statistics (zero
   variance stays exactly zero), which is what makes "constant norms are never clipped" hold in floating point.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -128,6 +129,8 @@ def _lerp(low: Array, high: Array, weight: Array) -> Array:
 class Percentile:
     """The AutoClip rule; build it with ``optclip.percentile``, which documents it."""
 
+    accepts_norm_vector: ClassVar[bool] = False  # its statistics are those of one norm per step
+
     p: Any = 10.0
     history: int = 1000
 
@@ -184,8 +187,15 @@ def percentile(p: float = 10.0, history: int = 1000) -> Percentile:
     where :math:`v_{(0)} \le \dots \le v_{(n-1)}` are the last :math:`n \le h` = ``history`` finite norms sorted,
     :math:`\|g_t\|` included: linear interpolation exactly as ``numpy.percentile``
     (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks",
-    arXiv:2007.14469; the paper keeps every norm, this keeps a ring buffer). The first step never clips (its
-    threshold is its own norm); ``p = 10`` is the paper's recommendation. A non-finite norm is not recorded.
+    arXiv:2007.14469). The first step never clips (its threshold is its own norm); ``p = 10`` is the paper's
+    recommendation. This is the reference code (github.com/pseeth/autoclip, ``autoclip.py``: append the global
+    norm to the history, ``np.percentile`` of it, ``torch.nn.utils.clip_grad_norm_`` to that) except:
+
+    * the reference keeps every norm of the run in a Python list; this keeps the last ``history`` in a ring buffer
+      of fixed shape (it jits and checkpoints), so the thresholds are the same while the run has at most
+      ``history`` steps (its TensorFlow version keeps the last 10000);
+    * a non-finite norm is not recorded (in the reference it makes every later threshold NaN);
+    * the clip is exact, :math:`c_t / \|g_t\|`, where torch scales by :math:`c_t / (\|g_t\| + 10^{-6})`.
 
     Cost: the state keeps the window twice, in arrival order and sorted, so a step moves ``history`` float32
     values (per leaf under ``clip_by_leaf_norm``) instead of sorting them; nothing grows with the model.
@@ -197,7 +207,8 @@ def percentile(p: float = 10.0, history: int = 1000) -> Percentile:
       history: how many of the most recent norms to keep, >= 1.
 
     Returns:
-      A threshold rule for any norm clip; it adds ``history_fill`` (the number of norms held) to ``optclip.stats``.
+      A threshold rule for a global or leaf clip (it takes scalar norms only); it adds ``history_fill`` (the number
+      of norms held) to ``optclip.stats``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
@@ -228,11 +239,13 @@ class ZScoreState(NamedTuple):
 class ZScore:
     """The ZClip rule; build it with ``optclip.zscore``, which documents it."""
 
+    accepts_norm_vector: ClassVar[bool] = False  # its statistics are those of one norm per step
+
     z_thresh: Any = 2.5
     decay: Any = 0.97
     warmup: Any = 25
     mode: str = "reciprocal"
-    max_norm: Any = None
+    max_norm: Any = 1.0
 
     def __post_init__(self) -> None:
         _check_interval(self.z_thresh, "z_thresh", 0.0, math.inf, open_low=False, open_high=True)
@@ -303,54 +316,70 @@ def zscore(
     decay: float = 0.97,
     warmup: int = 25,
     mode: str = "reciprocal",
-    max_norm: float | None = None,
+    max_norm: float | None = 1.0,
 ) -> ZScore:
     r"""ZClip: clip a norm that is a z-score outlier against EMA statistics of the norms before it.
 
-    Warm-up (the first ``warmup`` finite norms): nothing is clipped but to ``max_norm`` if given; at its end
-    :math:`\mu` and :math:`\sigma^2` are the mean and population variance of those norms. Then, each step,
+    Warm-up (the first ``warmup`` finite norms, the last of them included): clipped to ``max_norm`` only; at its
+    end :math:`\mu` and :math:`\sigma^2` are the mean and population variance of those norms. Then, each step,
 
     .. math:: z_t = \frac{g_t - \mu}{\sigma + 10^{-6}}, \qquad
-              c_t = \begin{cases}
+              a_t = \begin{cases}
                 \mu + \frac{z_{thr}^2}{z_t}\,\sigma & \text{reciprocal, if } z_t > z_{thr} \\
                 \mu & \text{mean, if } z_t > z_{thr} \\
                 \mu + z_{thr}\,\sigma & \text{fixed, if } g_t > \mu + z_{thr}\sigma \\
-                \text{no clipping} & \text{otherwise}
-              \end{cases}
+                g_t \text{ (no clipping)} & \text{otherwise}
+              \end{cases}, \qquad c_t = \min(a_t, \text{max\_norm})
 
-    capped at ``max_norm``, and the statistics take the norm clipped to the adaptive threshold (not to
-    ``max_norm``), :math:`\tilde g_t = \min(g_t, c_t)`, with :math:`\alpha` = ``decay``:
+    and the statistics take :math:`a_t`, the norm clipped to the adaptive threshold but not to ``max_norm``, with
+    :math:`\alpha` = ``decay`` (the mean first, the variance against the new mean):
 
-    .. math:: \mu \leftarrow \alpha\mu + (1 - \alpha)\tilde g_t, \qquad
-              \sigma^2 \leftarrow \alpha\sigma^2 + (1 - \alpha)(\tilde g_t - \mu)^2
+    .. math:: \mu \leftarrow \alpha\mu + (1 - \alpha)a_t, \qquad
+              \sigma^2 \leftarrow \alpha\sigma^2 + (1 - \alpha)(a_t - \mu)^2
 
-    (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv:2504.02507; "fixed" is the
-    reference code's "percentile" mode; its ``clip_factor`` is left at 1). Unlike the reference code, a NaN norm
-    leaves the statistics alone instead of poisoning them for ever; ``warmup=0`` acts as 1, as there.
+    (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv:2504.02507.) This is the
+    reference code's ``ZClip`` (github.com/bluorion-com/ZClip, ``zclip/zclip.py``) with its defaults:
+    ``alpha=0.97``, ``z_thresh=2.5``, ``warmup_steps=25``, ``mode="zscore"`` with
+    ``clip_option="adaptive_scaling"`` (here "reciprocal"; ``clip_option="mean"`` is "mean", ``mode="percentile"``
+    is "fixed") and ``max_grad_norm=1.0``, a fixed cap on the global norm during warm-up and after it. The cap makes
+    the rule scale-dependent: every norm above 1 is clipped like ``clip_by_global_norm(1.0)``, and it is what keeps
+    a run whose norms explode during the 25 warm-up steps finite. ``max_norm=None`` is the z-score rule alone, which
+    follows the norms at any scale but clips nothing during its warm-up. ``warmup=0`` acts as 1, as in the
+    reference (it seeds the statistics from the first norm). Where it differs from the reference code:
+
+    * A non-finite norm leaves the statistics and the warm-up as they were; there it enters the warm-up buffer or
+      the EMA and makes :math:`\mu` and :math:`\sigma` NaN for the rest of the run.
+    * The clip is exact, :math:`c_t / g_t`; the reference scales by :math:`c_t / (g_t + 10^{-6})` (and through
+      ``torch.nn.utils.clip_grad_norm_`` during warm-up).
+    * ``clip_factor`` (1 by default there; it multiplies the whole reciprocal threshold) and
+      ``skip_update_on_spike`` (off by default there) are not offered: they are fixed at their defaults.
 
     When a step is not a spike the reported threshold is the norm above which it would have been one,
-    :math:`\mu + z_{thr}(\sigma + 10^{-6})` (fixed: :math:`\mu + z_{thr}\sigma`); during warm-up it is ``max_norm``
-    or ``inf``. Constant norms keep :math:`\sigma = 0` exactly and are never clipped.
+    :math:`\mu + z_{thr}(\sigma + 10^{-6})` (fixed: :math:`\mu + z_{thr}\sigma`), capped at ``max_norm``; during
+    warm-up it is ``max_norm`` (``inf`` if ``None``). Constant norms keep :math:`\sigma = 0` exactly and are never
+    clipped but by ``max_norm``.
 
     Args:
       z_thresh: the z-score above which a norm is a spike, >= 0.
       decay: the EMA factor :math:`\alpha`, in (0, 1).
       warmup: the number of finite norms that seed the statistics, >= 0.
-      mode: "reciprocal" (the paper's default), "mean" or "fixed".
-      max_norm: an optional fixed cap on the threshold, >= 0, applied during warm-up too.
+      mode: "reciprocal" (the reference code's default), "mean" or "fixed".
+      max_norm: a fixed cap on the threshold, >= 0, applied during warm-up too (the reference's default, 1.0), or
+        ``None`` for none.
 
     Returns:
-      A threshold rule for any norm clip; it adds ``mean``, ``std`` and the last ``z`` to ``optclip.stats``.
+      A threshold rule for a global or leaf clip (it takes scalar norms only); it adds ``mean``, ``std`` and the
+      last ``z`` to ``optclip.stats``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
       >>> tx = optclip.clip_by_global_norm(optclip.zscore(warmup=4))
       >>> state = tx.init({"w": jnp.zeros(1)})
-      >>> for g in [1.0, 1.2, 0.8, 1.0, 50.0]:
+      >>> for g in [0.1, 0.12, 0.08, 0.1, 5.0]:  # warm-up: mean 0.1, std 0.0141; then a spike
       ...     updates, state = tx.update({"w": jnp.array([g])}, state)
       >>> stats = optclip.stats(state)
-      >>> print(round(float(stats["clip_by_global_norm/z"]), 1), round(float(updates["w"][0]), 3))
-      346.5 1.003
+      >>> print(round(float(stats["clip_by_global_norm/z"]), 1), round(float(updates["w"][0]), 4))
+      346.5 0.1003
     """
     return ZScore(z_thresh, decay, warmup, mode, max_norm)
 
@@ -370,6 +399,8 @@ class EMAState(NamedTuple):
 class EMA:
     """The AdaGC rule; build it with ``optclip.ema``, which documents it."""
 
+    accepts_norm_vector: ClassVar[bool] = False  # its statistics are those of one norm per step
+
     factor: Any = 1.05
     decay: Any = 0.98
     warmup: Any = 100
@@ -385,22 +416,30 @@ class EMA:
     def init(self) -> EMAState:
         return EMAState(jnp.float32(jnp.inf), jnp.int32(0))
 
-    def _warming(self, state: EMAState) -> Array:
-        """Whether the next norm is still a warm-up one: too few seen, or no positive norm yet to start from."""
-        return (state.seen < jnp.asarray(self.warmup)) | (state.gamma == jnp.inf)
+    def in_warmup(self, state: EMAState) -> Array:
+        """Whether the next norm is a warm-up one: fewer than ``warmup`` finite norms seen (part of the contract
+        that ``optclip.ema`` documents for a transform with a global warm-up)."""
+        return state.seen < jnp.asarray(self.warmup)
 
     def update(self, norm: Array, state: EMAState, count: Array) -> tuple[Array, EMAState]:
         del count
         g, finite = _scalar_norm(norm)
         factor = jnp.asarray(self.factor, jnp.float32)
         decay = jnp.asarray(self.decay, jnp.float32)
-        gamma = state.gamma
-        warming = self._warming(state)
-        adaptive = factor * jnp.where(warming, 0.0, gamma)
-        threshold = jnp.where(warming, _optional_cap(self.warmup_max_norm), adaptive)
-        # A zero norm carries no scale: letting it set gamma = 0 would zero that tensor's gradient for ever.
-        warm_gamma = jnp.where(g > 0, jnp.minimum(gamma, g), gamma)
-        ema_gamma = gamma + (1.0 - decay) * (jnp.minimum(g, adaptive) - gamma)
+        warming = self.in_warmup(state)
+        # After warm-up, a tensor that has not had a positive norm yet starts gamma from this norm, as the authors'
+        # code does for a tensor it meets after warm-up; a zero norm does not start it (gamma = 0 would zero the
+        # tensor for ever), so gamma stays inf and nothing is clipped.
+        base = jnp.where(~warming & (state.gamma == jnp.inf) & (g > 0), g, state.gamma)
+        unset = base == jnp.inf
+        finite_base = jnp.where(unset, 0.0, base)  # no inf * 0 or inf - inf on the branch that is not taken
+        after = jnp.where(unset, jnp.inf, factor * finite_base)
+        threshold = jnp.where(warming, _optional_cap(self.warmup_max_norm), after)
+        clipped = jnp.minimum(g, threshold)  # the norm after this step's clip
+        # Warm-up: the smallest positive clipped norm. After it: the EMA of the clipped norms, in the form
+        # ``m + (1 - b) (x - m)`` that leaves m exactly unchanged when x == m.
+        warm_gamma = jnp.where(clipped > 0, jnp.minimum(state.gamma, clipped), state.gamma)
+        ema_gamma = jnp.where(unset, state.gamma, finite_base + (1.0 - decay) * (clipped - finite_base))
         new_state = EMAState(jnp.where(warming, warm_gamma, ema_gamma), optax.safe_int32_increment(state.seen))
         return threshold, _keep_if(finite, new_state, state)
 
@@ -409,46 +448,70 @@ class EMA:
 
 
 def ema(factor: float = 1.05, decay: float = 0.98, warmup: int = 100, warmup_max_norm: float | None = 1.0) -> EMA:
-    r"""AdaGC's rule: clip to a multiple of an EMA of the (clipped) norms, kept per tensor under clip_by_leaf_norm.
+    r"""AdaGC's rule: clip to a multiple of an EMA of the clipped norms, kept per tensor under clip_by_leaf_norm.
 
-    After warm-up, with :math:`\lambda` = ``factor`` and :math:`\beta` = ``decay``:
+    With :math:`\lambda` = ``factor``, :math:`\beta` = ``decay``, :math:`c_{abs}` = ``warmup_max_norm`` and
+    :math:`\tilde g_t = \min(\|g_t\|, c_t)` the norm after this step's clip:
 
-    .. math:: c_t = \lambda\gamma_{t-1}, \qquad
-              \gamma_t = \beta\gamma_{t-1} + (1 - \beta)\min(\|g_t\|, c_t)
+    .. math:: c_t = \begin{cases} c_{abs} & \text{warm-up} \\ \lambda\gamma_{t-1} & \text{after} \end{cases},
+              \qquad
+              \gamma_t = \begin{cases} \min(\gamma_{t-1}, \tilde g_t) & \text{warm-up, from } \gamma = \infty \\
+                                       \beta\gamma_{t-1} + (1 - \beta)\,\tilde g_t & \text{after} \end{cases}
 
-    During warm-up (the first ``warmup`` finite norms) the threshold is ``warmup_max_norm`` (``None``: no clipping)
-    and :math:`\gamma_t = \min(\gamma_{t-1}, \|g_t\|)` over the raw, unclipped norms, from
-    :math:`\gamma_0 = \infty`: the paper's text says the minimum of :math:`\|g_{t,i}\|`, the gradient before its
-    clip, and :math:`\infty` is the only start for which that minimum is the smallest norm seen. (Wang et al. 2025,
-    "AdaGC: Improving Training Stability for Large Language Model Pretraining", arXiv:2502.11034.)
+    The warm-up is the first ``warmup`` finite norms (``warmup_max_norm=None``: nothing is clipped in it). So
+    :math:`\gamma` starts at the smallest norm seen *after* the warm-up clip, as the AdaGC authors' code
+    (github.com/lishuai-97/AdaGC, ``megatron/optimizer/clip_grads.py``: the per-tensor norms are taken after the
+    global clip) and pytorch-optimizer's ``AdaGC`` (``min(gamma, ||g_hat||)``, ``g_hat`` the clipped gradient) do;
+    both also feed the EMA the clipped norm. (Wang et al. 2025, "AdaGC: Improving Training Stability for Large
+    Language Model Pretraining", arXiv:2502.11034.) The defaults :math:`\lambda = 1.05`, :math:`\beta = 0.98`,
+    ``warmup=100`` and :math:`c_{abs} = 1` are pytorch-optimizer's (whose ``step < warmup_steps``, counting from 1,
+    warms up one step fewer than ``warmup`` here and in the authors' code); the authors' Megatron patch defaults to
+    1.04 and 0.99. Where it differs from the authors' code, and why:
 
-    One guard the paper does not spell out: a zero norm does not lower :math:`\gamma` during warm-up, and the
-    warm-up of a tensor lasts until it has seen a positive norm, since a tensor whose gradient happens to be zero
-    at the start (behind a zero-initialised layer) would otherwise get :math:`\gamma = 0` and be zeroed for ever.
+    * A zero norm does not lower :math:`\gamma` (theirs would set :math:`\gamma = 0` and zero that tensor for
+      ever: a tensor behind a zero-initialised layer has zero gradients at the start). A tensor that ends the
+      warm-up without a positive norm starts :math:`\gamma` from its first positive norm after it, unclipped, as
+      their code does for a tensor it first meets after warm-up (and for every tensor when ``warmup=0``).
+    * A non-finite norm leaves the state as it was and does not count towards the warm-up. Theirs counts every
+      step; a NaN norm at the first step or after warm-up makes that tensor's :math:`\gamma` NaN for ever, and a
+      NaN in a warm-up step skips the global clip, so the other tensors' raw norms enter their minimum.
+    * The clip is exact, :math:`c_t / \|g_t\|`; theirs scales by :math:`c_t / (\|g_t\| + 10^{-6})`.
 
-    Where it runs decides the warm-up: under ``clip_by_global_norm`` the whole model is one tensor and this is the
-    paper exactly. Under ``clip_by_leaf_norm`` each leaf keeps its own :math:`\gamma` (the paper's per-tensor rule)
-    but is also clipped on its own to ``warmup_max_norm`` during warm-up, where the paper clips the global norm;
-    ``optclip.adagc`` does the paper's global warm-up.
+    Where it runs decides the warm-up. Under ``clip_by_global_norm`` the whole model is one tensor. Under
+    ``clip_by_leaf_norm`` each leaf keeps its own :math:`\gamma` (the paper's per-tensor rule) but is clipped on
+    its own to :math:`c_{abs}` during warm-up, so :math:`\tilde g_t = \min(\|g_{t,i}\|, c_{abs})`, where the paper
+    clips the global norm; ``optclip.adagc`` does the paper's global warm-up. Contract for a transform with a
+    global warm-up (what ``optclip.adagc`` must do to be the authors' algorithm):
+
+    1. The warm-up is the first ``warmup`` finite steps; a step is finite when every leaf norm is.
+    2. During warm-up it scales the whole gradient by :math:`s = \min(1, c_{abs} / \|g\|)` and gives the rule,
+       leaf by leaf, the norm after that clip, :math:`s\|g_i\|` (never above :math:`c_{abs}`, so the rule's own
+       warm-up threshold changes nothing); it ignores the thresholds the rule returns.
+    3. On a non-finite step during warm-up it gives every leaf ``nan``: no leaf's :math:`\gamma` or count moves,
+       the step passes through unchanged and the warm-up is not shortened. Every leaf's count of finite norms
+       then stays equal to the number of finite warm-up steps, so ``jnp.any(jax.vmap(rule.in_warmup)(states))``
+       is rule 1's test (never the clip's update count, which counts every step).
+    4. After warm-up it gives each leaf its raw norm and clips it to the rule's threshold; a non-finite leaf passes
+       through and keeps its state.
 
     Args:
-      factor: :math:`\lambda \ge 0`, the allowed ratio to the EMA.
+      factor: :math:`\lambda \ge 0`, the allowed ratio to the EMA (the paper's :math:`\lambda_{rel}`).
       decay: :math:`\beta`, in (0, 1).
       warmup: the number of warm-up norms, >= 0.
-      warmup_max_norm: the threshold during warm-up, >= 0, or ``None`` for none.
+      warmup_max_norm: :math:`c_{abs}`, the threshold during warm-up, >= 0, or ``None`` for none.
 
     Returns:
-      A threshold rule for any norm clip; it adds ``gamma`` (``inf`` until the first positive norm; the mean over
-      leaves under ``clip_by_leaf_norm``) to ``optclip.stats``.
+      A threshold rule for a global or leaf clip (it takes scalar norms only); it adds ``gamma`` (``inf`` until
+      the first positive norm; the mean over leaves under ``clip_by_leaf_norm``) to ``optclip.stats``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
       >>> tx = optclip.clip_by_global_norm(optclip.ema(warmup=2))
       >>> state = tx.init({"w": jnp.zeros(1)})
-      >>> for g in [4.0, 0.5, 0.5, 3.0]:  # warm-up clips 4.0 to 1.0; gamma = min(4, 0.5) = 0.5
+      >>> for g in [4.0, 2.0, 3.0]:  # warm-up clips 4 and 2 to 1.0, so gamma = min(1, 1) = 1
       ...     updates, state = tx.update({"w": jnp.array([g])}, state)
       >>> print(round(float(updates["w"][0]), 4))  # 3.0 is cut to 1.05 * gamma
-      0.525
+      1.05
     """
     return EMA(factor, decay, warmup, warmup_max_norm)
 
@@ -467,6 +530,8 @@ class QuantileState(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Quantile:
     """The quantile-tracking rule; build it with ``optclip.quantile``, which documents it."""
+
+    accepts_norm_vector: ClassVar[bool] = True  # b_t is the fraction of the given norms at or below C
 
     target: Any = 0.5
     learning_rate: Any = 0.2
@@ -571,24 +636,31 @@ def zclip(
     decay: float = 0.97,
     warmup: int = 25,
     mode: str = "reciprocal",
-    max_norm: float | None = None,
+    max_norm: float | None = 1.0,
     *,
     ord: float = 2,
     name: str = "zclip",
 ) -> optax.GradientTransformation:
-    r"""ZClip as a ready transform: ``clip_by_global_norm(zscore(...))``.
+    r"""ZClip as a ready transform: ``clip_by_global_norm(zscore(...))``, with the reference code's defaults.
 
     .. math:: g \leftarrow g \cdot \min\big(1, c_t / \|g\|\big), \qquad
-              c_t = \mu + \frac{z_{thr}^2}{z_t}\sigma \text{ when } z_t = \frac{\|g\| - \mu}{\sigma + 10^{-6}} > z_{thr}
+              c_t = \min\Big(\mu + \frac{z_{thr}^2}{z_t}\sigma, \text{max\_norm}\Big)
+              \text{ when } z_t = \frac{\|g\| - \mu}{\sigma + 10^{-6}} > z_{thr},
+              \text{ else } \min(\|g\|, \text{max\_norm})
 
-    (Kumar et al. 2025, arXiv:2504.02507); see ``optclip.zscore`` for the modes, warm-up and statistics.
+    (Kumar et al. 2025, arXiv:2504.02507.) ``optclip.zclip()`` is the reference ``ZClip()``
+    (github.com/bluorion-com/ZClip): z-score 2.5, EMA factor 0.97, 25 warm-up steps, reciprocal mode and
+    ``max_norm=1.0``, the reference's ``max_grad_norm`` default, which clips the global norm to 1 during warm-up
+    and caps the threshold after it. Pass ``max_norm=None`` for the z-score rule alone (nothing is clipped during
+    the warm-up then). See ``optclip.zscore`` for the modes, the warm-up, the statistics and where it differs from
+    the reference code (non-finite norms, the exact clip).
 
     Args:
       z_thresh: the spike z-score, >= 0.
       decay: the EMA factor, in (0, 1).
       warmup: the number of norms that seed the statistics, >= 0.
       mode: "reciprocal", "mean" or "fixed".
-      max_norm: an optional fixed cap on the threshold.
+      max_norm: a fixed cap on the threshold (1.0, as the reference), or ``None`` for none.
       ord: the norm, 1, 2 or ``inf``.
       name: the prefix of its statistics in ``optclip.stats``.
 
@@ -597,11 +669,11 @@ def zclip(
 
     Example:
       >>> import jax.numpy as jnp, optax, optclip
-      >>> tx = optax.chain(optclip.zclip(warmup=10, max_norm=5.0), optax.adam(1e-3))
+      >>> tx = optax.chain(optclip.zclip(warmup=10), optax.adam(1e-3))
       >>> params = {"w": jnp.zeros(2)}
       >>> _, state = tx.update({"w": jnp.array([30.0, 40.0])}, tx.init(params), params)
-      >>> print(float(optclip.stats(state)["zclip/norm_after"]))  # warm-up: only max_norm applies
-      5.0
+      >>> print(float(optclip.stats(state)["zclip/norm_after"]))  # warm-up: only max_norm = 1 applies
+      1.0
     """
     return clip_by_global_norm(zscore(z_thresh, decay, warmup, mode, max_norm), ord=ord, name=name)
 

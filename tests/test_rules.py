@@ -1,9 +1,12 @@
-"""Adaptive threshold rules: each against a float64 NumPy re-implementation of its paper, plus the state contract.
+"""Adaptive threshold rules: each against a float64 NumPy re-implementation of its paper and of its reference code,
+plus the state contract and the rule x scope validator.
 
-The references below are written from the formulas in ../shared/references/algorithms.md (and optclip's documented
-choices: a NaN norm is not recorded, the threshold reported when ZClip sees no spike is its spike bound, AdaGC's
-gamma starts at inf and ignores zero norms in warm-up, the quantile rule's C is floored at float32's tiny), never
-from optclip's code.
+The formula references below are written from ../shared/references/algorithms.md (and optclip's documented choices:
+a NaN norm is not recorded, the threshold reported when ZClip sees no spike is its spike bound, AdaGC's gamma starts
+at inf and ignores zero norms, the quantile rule's C is floored at float32's tiny), never from optclip's code. The
+code references re-implement what each peer's published code does (ZClip: bluorion-com/ZClip ``zclip/zclip.py``;
+AutoClip: pseeth/autoclip ``autoclip.py``; AdaGC: lishuai-97/AdaGC ``megatron-gpt2.patch``, class ``AdaGC``), in
+float64, with only the differences optclip documents switched on.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optclip
+
+# The private names the tests use (the lead may rename or move them: adagc's helper to optclip._clipping, the norm
+# helpers, the guarded update): this block is the one place to update.
 from optclip._adaptive import _combine
 from optclip._norms import global_norm_parts, leaf_norm_parts
-from optclip._rules import guarded_update
+from optclip._rules import SCOPES, as_rule, guarded_update
 from tests._reference import norm64
 
 NAN, INF = math.nan, math.inf
@@ -83,20 +89,25 @@ def ref_ema(norms, factor, decay, warmup, warmup_max_norm):
     cap = INF if warmup_max_norm is None else warmup_max_norm
     gamma, seen, out = INF, 0, []
     for g in norms:
-        warming = seen < warmup or gamma == INF
-        threshold = cap if warming else factor * gamma
+        warming = seen < warmup
+        starts = not warming and gamma == INF and math.isfinite(g) and g > 0  # the first positive norm after warm-up
+        base = g if starts else gamma
+        threshold = cap if warming else (INF if base == INF else factor * base)
         out.append((threshold, _clipped(g, threshold)))
         if not math.isfinite(g):
             continue
-        gamma = _next_gamma(gamma, g, threshold, decay, warming)
+        gamma = _next_gamma(gamma, base, min(g, threshold), decay, warming)
         seen += 1
     return out
 
 
-def _next_gamma(gamma, g, threshold, decay, warming):
-    if warming:  # the minimum of the raw positive norms
-        return min(gamma, g) if g > 0 else gamma
-    return decay * gamma + (1 - decay) * min(g, threshold)
+def _next_gamma(gamma, base, clipped, decay, warming):
+    """AdaGC's gamma after a finite norm whose clipped value is ``clipped``."""
+    if warming:  # the minimum of the positive clipped norms
+        return min(gamma, clipped) if clipped > 0 else gamma
+    if base == INF:  # no positive norm yet: nothing to start from
+        return gamma
+    return decay * base + (1 - decay) * clipped
 
 
 def ref_quantile(norms, target, learning_rate, initial):
@@ -128,16 +139,23 @@ RULES = {  # id: (rule, reference)
         lambda s: ref_percentile(s, 50.0, 100),
     ),
     "percentile-p95": (optclip.percentile(p=95.0, history=8), lambda s: ref_percentile(s, 95.0, 8)),
-    "zscore-reciprocal": (optclip.zscore(warmup=5), lambda s: ref_zscore(s, 2.5, 0.97, 5, "reciprocal", None)),
+    "zscore-reciprocal": (
+        optclip.zscore(warmup=5, max_norm=None),
+        lambda s: ref_zscore(s, 2.5, 0.97, 5, "reciprocal", None),
+    ),
+    "zscore-default-cap": (optclip.zscore(warmup=5), lambda s: ref_zscore(s, 2.5, 0.97, 5, "reciprocal", 1.0)),
     "zscore-mean-capped": (
         optclip.zscore(z_thresh=2.0, decay=0.9, warmup=4, mode="mean", max_norm=25.0),
         lambda s: ref_zscore(s, 2.0, 0.9, 4, "mean", 25.0),
     ),
     "zscore-fixed": (
-        optclip.zscore(warmup=5, mode="fixed"),
+        optclip.zscore(warmup=5, mode="fixed", max_norm=None),
         lambda s: ref_zscore(s, 2.5, 0.97, 5, "fixed", None),
     ),
-    "zscore-warmup0": (optclip.zscore(warmup=0), lambda s: ref_zscore(s, 2.5, 0.97, 0, "reciprocal", None)),
+    "zscore-warmup0": (
+        optclip.zscore(warmup=0, max_norm=None),
+        lambda s: ref_zscore(s, 2.5, 0.97, 0, "reciprocal", None),
+    ),
     "ema": (
         optclip.ema(warmup=4, warmup_max_norm=2.0),
         lambda s: ref_ema(s, 1.05, 0.98, 4, 2.0),
@@ -146,6 +164,7 @@ RULES = {  # id: (rule, reference)
         optclip.ema(factor=1.5, decay=0.9, warmup=3, warmup_max_norm=None),
         lambda s: ref_ema(s, 1.5, 0.9, 3, None),
     ),
+    "ema-warmup0": (optclip.ema(warmup=0), lambda s: ref_ema(s, 1.05, 0.98, 0, 1.0)),
     "quantile": (optclip.quantile(), lambda s: ref_quantile(s, 0.5, 0.2, 1.0)),
     "quantile-p90": (
         optclip.quantile(target=0.9, learning_rate=0.5, initial=0.3),
@@ -230,7 +249,7 @@ def test_percentile_large_history_keeps_numpy_precision():
 
 def test_zscore_reports_its_statistics():
     norms = [1.0, 1.2, 0.8, 1.0, 50.0]
-    [(_, _, state)] = run_scalar(optclip.zscore(warmup=4), norms)
+    [(_, _, state)] = run_scalar(optclip.zscore(warmup=4, max_norm=None), norms)
     stats = optclip.stats(state)
     mu, sigma = np.mean(norms[:4]), np.std(norms[:4])
     z = (50.0 - mu) / (sigma + 1e-6)
@@ -238,6 +257,207 @@ def test_zscore_reports_its_statistics():
     np.testing.assert_allclose(float(stats["c/z"]), z, rtol=RTOL)
     np.testing.assert_allclose(float(stats["c/mean"]), 0.97 * mu + 0.03 * threshold, rtol=RTOL)
     np.testing.assert_allclose(float(stats["c/threshold"]), threshold, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the peers' reference code, fed the same norm sequences
+
+
+def code_zclip(norms, alpha=0.97, z_thresh=2.5, max_grad_norm=1.0, warmup_steps=25, mode="zscore", option="adaptive"):
+    """``ZClip(...).step`` of bluorion-com/ZClip (``zclip/zclip.py``) on a sequence of global norms: the clipped norms.
+
+    Its steps: append the norm to a buffer and, once the buffer holds ``warmup_steps`` norms, set the mean and the
+    population variance from it (clipping to ``max_grad_norm`` only, the step that fills the buffer included); then
+    clip to the z-score threshold or, without a spike, to the norm itself, either capped at ``max_grad_norm``, and
+    feed the EMA the uncapped threshold (the mean first, the variance against the new mean). optclip's documented
+    differences are switched on: a non-finite norm passes and changes nothing (the reference records it), and the
+    clip is exact (the reference divides by ``norm + 1e-6``).
+    """
+    buffer, mean, var, out = [], None, None, []
+    cap = INF if max_grad_norm is None else max_grad_norm
+    for g in norms:
+        if not math.isfinite(g):
+            out.append(g)
+            continue
+        if mean is None:
+            buffer.append(g)
+            if len(buffer) >= warmup_steps:
+                mean = sum(buffer) / len(buffer)
+                var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+            out.append(min(g, cap))
+            continue
+        std = var**0.5
+        clip_val = None
+        if mode == "percentile":
+            if g > mean + z_thresh * std:
+                clip_val = mean + z_thresh * std
+        else:
+            z = (g - mean) / (std + 1e-6)
+            if z > z_thresh:
+                clip_val = mean + z_thresh * std / (z / z_thresh) if option == "adaptive" else mean
+        effective = min(g if clip_val is None else clip_val, cap)
+        out.append(min(g, effective))
+        seen = g if clip_val is None else clip_val
+        mean = alpha * mean + (1 - alpha) * seen
+        var = alpha * var + (1 - alpha) * (seen - mean) ** 2
+    return out
+
+
+def code_autoclip(norms, clip_percentile):
+    """``add_autoclip_gradient_handler`` of pseeth/autoclip (``autoclip.py``): every norm of the run appended to a
+    list, ``np.percentile`` of that list (the current norm included), the global norm clipped to it. optclip's
+    documented differences switched on: a non-finite norm is not appended, and the clip is exact."""
+    history, out = [], []
+    for g in norms:
+        if not math.isfinite(g):
+            out.append(g)
+            continue
+        history.append(g)
+        out.append(min(g, float(np.percentile(history, clip_percentile))))
+    return out
+
+
+def _zclip_norms(seed):
+    """40 global norms around 0.3 with a NaN and a 1.7 in the 25-step warm-up, then spikes below and above 1."""
+    norms = 0.3 * np.random.default_rng(seed).lognormal(0.0, 0.15, size=40)
+    norms[[3, 10, 27, 30, 33, 36]] = [1.7, NAN, 0.9, NAN, 6.0, INF]
+    return norms.astype(np.float32)
+
+
+ZCLIP_CONFIGS = {  # id: (optclip transform, keyword arguments of the reference ZClip)
+    "defaults": (lambda: optclip.zclip(), {}),
+    "no-cap": (lambda: optclip.zclip(max_norm=None), {"max_grad_norm": None}),
+    "mean": (lambda: optclip.zclip(warmup=5, mode="mean"), {"warmup_steps": 5, "option": "mean"}),
+    "fixed": (
+        lambda: optclip.zclip(z_thresh=2.0, decay=0.9, warmup=5, mode="fixed", max_norm=None),
+        {"z_thresh": 2.0, "alpha": 0.9, "warmup_steps": 5, "mode": "percentile", "max_grad_norm": None},
+    ),
+    "warmup0": (lambda: optclip.zclip(warmup=0, max_norm=None), {"warmup_steps": 0, "max_grad_norm": None}),
+}
+
+
+@pytest.mark.parametrize("config", sorted(ZCLIP_CONFIGS))
+def test_zclip_matches_the_reference_code(config):
+    make, kwargs = ZCLIP_CONFIGS[config]
+    sequences = [_zclip_norms(seed) for seed in range(3)]
+    runs = run_leaves(make(), *[norms[:, None] for norms in sequences])
+    for norms, (after, _, _) in zip(sequences, runs):
+        expected = code_zclip([float(g) for g in norms], **kwargs)
+        np.testing.assert_allclose(after[:, 0], expected, rtol=RTOL, atol=0, equal_nan=True)
+        clipped = np.isfinite(norms) & (after[:, 0] < norms * (1 - RTOL))
+        assert clipped[26:].any(), "the spikes after every warm-up must be clipped"
+
+
+def test_zclip_defaults_are_the_reference_defaults():
+    # ZClip() caps the global norm at max_grad_norm=1.0 during warm-up and after: so does zclip(), so a run whose
+    # norms explode during the 25 warm-up steps stays finite, as with the reference.
+    [(after, stats, _)] = run_leaves(optclip.zclip(), np.full((30, 1), 50.0, np.float32))
+    np.testing.assert_array_equal(after[:, 0], 1.0)
+    assert np.all(stats["zclip/threshold"] == 1.0)
+    rule = optclip.zscore()
+    assert (rule.z_thresh, rule.decay, rule.warmup, rule.mode, rule.max_norm) == (2.5, 0.97, 25, "reciprocal", 1.0)
+
+
+@pytest.mark.parametrize("p", [10.0, 50.0])
+def test_autoclip_matches_the_reference_code_while_the_run_fits_its_history(p):
+    sequences = [np.asarray(SEQUENCES[name], np.float32) for name in sorted(SEQUENCES)]
+    runs = run_leaves(optclip.autoclip(p=p, history=len(sequences[0])), *[norms[:, None] for norms in sequences])
+    for norms, (after, _, _) in zip(sequences, runs):
+        expected = code_autoclip([float(g) for g in norms], p)
+        np.testing.assert_allclose(after[:, 0], expected, rtol=RTOL, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# which scope takes which rule (optclip._rules.as_rule, called by every transform at construction)
+
+
+class _RuleWithoutTheAttribute:
+    """A rule written against the protocol before ``accepts_norm_vector`` existed: init, update and stats only."""
+
+    def init(self):
+        return ()
+
+    def update(self, norm, state, count):
+        return 0.5 * norm, state
+
+    def stats(self, state):
+        return {}
+
+
+VALIDATOR_THRESHOLDS = {
+    "number": lambda: 1.0,
+    "jax-scalar": lambda: jnp.float32(1.0),
+    "schedule": lambda: optax.linear_schedule(1.0, 0.1, 10),
+    "Constant": lambda: optclip.Constant(2.0),
+    "FromSchedule": lambda: optclip.FromSchedule(optax.constant_schedule(2.0)),
+    "percentile": optclip.percentile,
+    "zscore": optclip.zscore,
+    "ema": optclip.ema,
+    "quantile": optclip.quantile,
+    "rule-without-the-attribute": _RuleWithoutTheAttribute,
+}
+ALL = {"global", "leaf", "unit", "per_example"}
+TAKEN_BY = {  # written out rule by rule (not derived from accepts_norm_vector), so a flipped attribute shows here
+    "number": ALL,
+    "jax-scalar": ALL,
+    "schedule": ALL,
+    "Constant": ALL,
+    "FromSchedule": ALL,
+    "percentile": {"global", "leaf"},
+    "zscore": {"global", "leaf"},
+    "ema": {"global", "leaf"},
+    "quantile": {"global", "leaf", "per_example"},
+    "rule-without-the-attribute": {"global", "leaf"},
+}
+SCOPE_TAKES = {"unit": "must be a number or a schedule here", "per_example": "rule whose accepts_norm_vector is True"}
+
+
+@pytest.mark.parametrize("scope", sorted(ALL))
+@pytest.mark.parametrize("kind", sorted(VALIDATOR_THRESHOLDS))
+def test_each_scope_takes_exactly_its_rules(kind, scope):
+    assert set(SCOPES) == ALL
+    threshold = VALIDATOR_THRESHOLDS[kind]()
+    if scope in TAKEN_BY[kind]:
+        rule = as_rule(threshold, "max_norm", scope)
+        if isinstance(threshold, (float, jax.Array)):
+            assert rule == optclip.Constant(threshold)
+        elif kind == "schedule":
+            assert rule == optclip.FromSchedule(threshold)
+        else:
+            assert rule is threshold
+        return
+    with pytest.raises(ValueError) as info:
+        as_rule(threshold, "l2_norm_clip", scope)
+    message = str(info.value)
+    # names the argument, the rule, the scope and what the scope takes
+    assert "l2_norm_clip" in message and type(threshold).__name__ in message
+    assert f"the {scope} scope" in message and SCOPE_TAKES[scope] in message
+
+
+def test_as_rule_keeps_its_old_callers_and_refuses_an_unknown_scope():
+    assert as_rule(optclip.zscore(), "max_norm") == optclip.zscore()  # the default scope is global
+    assert as_rule(0.01, "clipping", stateful=False) == optclip.Constant(0.01)
+    with pytest.raises(ValueError, match="the unit scope"):
+        as_rule(optclip.ema(), "clipping", stateful=False)
+    with pytest.raises(ValueError, match=r"scope must be one of .*'per-example'"):
+        as_rule(1.0, "max_norm", "per-example")
+    with pytest.raises(ValueError, match=r"max_norm.*-1\.0"):
+        as_rule(-1.0, "max_norm", "leaf")
+
+
+@pytest.mark.parametrize("kind", ["Constant", "FromSchedule", "quantile"])
+def test_rules_that_accept_a_norm_vector_return_one_threshold_and_keep_their_state_shapes(kind):
+    rule = VALIDATOR_THRESHOLDS[kind]()
+    assert rule.accepts_norm_vector is True
+    state = rule.init()
+    norms = jnp.array([0.5, 3.0, NAN, 1.5, 0.1])
+    threshold, new_state = jax.jit(rule.update)(norms, state, jnp.int32(3))
+    assert jnp.shape(threshold) == ()
+    assert jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), new_state) == jax.tree.map(
+        lambda x: (jnp.shape(x), jnp.result_type(x)), state
+    )
+    _, guarded = guarded_update(rule, norms, state, jnp.int32(3))  # a NaN entry keeps the state as it was
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(guarded), jax.tree.leaves(state)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,27 +493,46 @@ def test_quantile_with_a_scalar_norm_settles_around_a_constant_norm():
 # AdaGC: the transform with the paper's global warm-up
 
 
-def ref_adagc(steps, factor, decay, warmup, cap):
-    """Per step (rows) and tensor (columns) of norms: the clipped norms of each tensor.
+def code_adagc(rows, clip_ratio, beta, start_clip_steps, max_norm, eps=1e-6):
+    """``AdaGC.clip_by_norm`` of the AdaGC authors' Megatron patch (lishuai-97/AdaGC, ``megatron-gpt2.patch``,
+    ``megatron/optimizer/clip_grads.py``), per step (rows) and tensor (columns) of L2 norms: the norms after the clip.
 
-    A non-finite tensor passes through unchanged and its gamma stays; in warm-up it makes the global norm non-finite,
-    so then the whole step passes through.
+    Its steps: count the call; for the first ``start_clip_steps`` calls scale every gradient by
+    ``max_norm / (total + eps)`` when that is below 1, then set each tensor's gamma to the minimum of its norms
+    *after* that scaling (the first one included); afterwards clip each tensor to ``clip_ratio * gamma`` (a tensor
+    with no gamma yet starts from its own norm, unclipped) and move gamma to ``beta * gamma + (1 - beta) *`` the
+    clipped norm. optclip's documented differences are switched on: a step with a non-finite norm during warm-up
+    passes through and does not count (the reference counts it and may record the NaN), a non-finite tensor after
+    warm-up passes and keeps its gamma, and a zero norm never sets gamma (the reference would zero that tensor for
+    ever). ``max_norm=None``: no warm-up clip. The clip divides by ``norm + eps``; optclip's is exact (``eps=0``).
     """
-    width = len(steps[0])
-    gamma, seen, out = [INF] * width, [0] * width, []
-    for t, norms in enumerate(steps):
-        total = math.sqrt(sum(n * n for n in norms))
+    gamma, calls, out = {}, 0, []
+    for norms in rows:
+        if calls < start_clip_steps and not all(math.isfinite(n) for n in norms):
+            out.append(list(norms))
+            continue
+        calls += 1
+        if calls <= start_clip_steps:
+            total = math.sqrt(sum(n * n for n in norms))
+            coeff = INF if max_norm is None else max_norm / (total + eps)
+            row = [n * coeff if coeff < 1.0 else n for n in norms]
+            for i, n in enumerate(row):
+                if n > 0:
+                    gamma[i] = min(gamma.get(i, n), n)
+            out.append(row)
+            continue
         row = []
         for i, n in enumerate(norms):
-            warming = seen[i] < warmup or gamma[i] == INF
-            threshold = cap if warming else factor * gamma[i]
-            if t < warmup:
-                row.append(n * min(1.0, cap / total) if math.isfinite(total) and total > 0 else n)
+            if not math.isfinite(n) or (i not in gamma and n == 0):
+                row.append(n)
+                continue
+            avg = gamma.setdefault(i, n)
+            if n > clip_ratio * avg:
+                row.append(n * (clip_ratio * avg) / (n + eps))
+                n = clip_ratio * avg
             else:
-                row.append(_clipped(n, threshold))
-            if math.isfinite(n):
-                gamma[i] = _next_gamma(gamma[i], n, threshold, decay, warming)
-                seen[i] += 1
+                row.append(n)
+            gamma[i] = avg * beta + n * (1.0 - beta)
         out.append(row)
     return np.asarray(out)
 
@@ -307,19 +546,118 @@ ADAGC_STEPS = [  # three tensors; the third has a zero gradient until step 5 (be
     [2.4, 0.6, 0.7],
     [30.0, 0.5, 0.8],
     [2.1, 5.0, 0.6],
-    [2.3, 0.6, 0.0],
+    [2.3, INF, 0.0],
     [2.2, 0.5, 0.9],
     [0.0, 0.55, 1.1],
     [2.6, 0.6, 20.0],
 ]
+ADAGC_SHAPES = [(4,), (2, 3), (5,)]
+# (factor, decay, warmup, warmup_max_norm). With a cap the global warm-up clip scales every tensor, so gamma starts
+# at the clipped norms (issue 11: about 3x smaller than the raw ones at step 0 here); with a NaN step inside the
+# warm-up the global count and each tensor's count must skip it alike.
+ADAGC_CASES = {
+    "cap-1": (1.05, 0.98, 4, 1.0),
+    "cap-3": (1.05, 0.98, 2, 3.0),
+    "warmup-6-past-the-first-positive-norm": (1.2, 0.9, 6, 1.0),
+    "uncapped-nan-in-warmup": (1.05, 0.98, 4, None),
+    "no-warmup": (1.05, 0.98, 0, 1.0),
+}
+# The adagc transform still feeds its rule the raw tensor norms during warm-up and counts every step: these fail until
+# it follows optclip.ema's contract (the cases without a warm-up clip or NaN step in it already agree).
+ADAGC_TRANSFORM_PENDING = {"cap-1", "cap-3", "warmup-6-past-the-first-positive-norm", "uncapped-nan-in-warmup"}
 
 
-@pytest.mark.parametrize(("warmup", "cap"), [(4, 1.0), (2, 3.0), (0, 1.0)])
-def test_adagc_matches_the_paper(warmup, cap):
-    steps = np.asarray(ADAGC_STEPS, np.float32)
-    [(after, _, _)] = run_leaves(optclip.adagc(warmup=warmup, warmup_max_norm=cap), steps)
-    expected = ref_adagc(steps.astype(np.float64).tolist(), 1.05, 0.98, warmup, cap)
+def _gradient_rows(rows, seed=0):
+    """Per step, leaves of ``ADAGC_SHAPES`` in random directions scaled to the row's norms (NaN/inf: every entry)."""
+    rng = np.random.default_rng(seed)
+    leaves = [[] for _ in ADAGC_SHAPES]
+    for row in rows:
+        for leaf, shape, n in zip(leaves, ADAGC_SHAPES, row):
+            direction = rng.normal(size=shape)
+            leaf.append(direction * (n / np.linalg.norm(direction)) if math.isfinite(n) else np.full(shape, n))
+    return {f"leaf{i}": np.asarray(leaf, np.float32) for i, leaf in enumerate(leaves)}
+
+
+def _leaf_norms64(stacked):
+    """Per step and leaf, the float64 L2 norm of the stacked float32 leaves."""
+    return np.stack(
+        [norm64([np.asarray(x, np.float64)], axis=tuple(range(1, x.ndim))) for x in stacked.values()], axis=1
+    )
+
+
+def _run_adagc(tx, stacked):
+    def step(state, grads):
+        updates, state = tx.update(grads, state)
+        return state, updates
+
+    init = tx.init({name: jnp.zeros(x.shape[1:]) for name, x in stacked.items()})
+    _, updates = jax.jit(lambda g: jax.lax.scan(step, init, g))(stacked)
+    return _leaf_norms64(updates)
+
+
+def _ema_under_the_contract(rule, norms, cap):
+    """The clipped norms of the per-tensor ``rule`` driven as ``optclip.ema``'s docstring says a transform with a
+    global warm-up must drive it (the tensor norms after the global clip in warm-up, NaN for all on a non-finite
+    warm-up step, the warm-up read from the rule's count), on float32 tensor norms."""
+    update = jax.jit(jax.vmap(lambda n, s: rule.update(n, s, jnp.int32(0))))
+    states = jax.tree.map(lambda x: jnp.stack([x] * norms.shape[1]), rule.init())
+    out = []
+    for row in norms.astype(np.float32):
+        if bool(jnp.any(jax.vmap(rule.in_warmup)(states))):
+            total = float(np.sqrt(np.sum(row.astype(np.float64) ** 2)))
+            scale = 1.0 if cap is None or not total > cap else cap / total
+            fed = row * np.float32(scale) if math.isfinite(total) else np.full_like(row, np.nan)
+            _, states = update(jnp.asarray(fed), states)
+            out.append(fed if math.isfinite(total) else row)
+        else:
+            thresholds, states = update(jnp.asarray(row), states)
+            out.append(np.where(np.isfinite(row), np.minimum(row, np.asarray(thresholds)), row))
+    return np.asarray(out, np.float64)
+
+
+@pytest.mark.parametrize("case", sorted(ADAGC_CASES))
+def test_ema_rule_under_the_adagc_contract_matches_the_authors_code(case):
+    factor, decay, warmup, cap = ADAGC_CASES[case]
+    norms = _leaf_norms64(_gradient_rows(ADAGC_STEPS))
+    after = _ema_under_the_contract(optclip.ema(factor, decay, warmup, cap), norms, cap)
+    expected = code_adagc(norms.tolist(), factor, decay, warmup, cap, eps=0.0)
     np.testing.assert_allclose(after, expected, rtol=RTOL, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="adagc transform pending: in warm-up it must give its rule each leaf's norm after the global "
+                "clip, NaN to every leaf on a non-finite step, and count finite steps (optclip.ema's contract)",
+            ),
+        )
+        if case in ADAGC_TRANSFORM_PENDING
+        else case
+        for case in sorted(ADAGC_CASES)
+    ],
+)
+def test_adagc_matches_the_authors_code(case):
+    factor, decay, warmup, cap = ADAGC_CASES[case]
+    for seed in range(2):
+        stacked = _gradient_rows(ADAGC_STEPS, seed)
+        after = _run_adagc(optclip.adagc(factor, decay, warmup, cap), stacked)
+        # optclip clips exactly to the threshold where the authors divide by norm + 1e-6 (documented): eps = 0 here.
+        expected = code_adagc(_leaf_norms64(stacked).tolist(), factor, decay, warmup, cap, eps=0.0)
+        np.testing.assert_allclose(after, expected, rtol=RTOL, atol=0, equal_nan=True)
+
+
+def test_ema_warmup_gamma_is_the_smallest_clipped_norm():
+    # Under clip_by_leaf_norm each leaf is clipped to warmup_max_norm in warm-up, so gamma = min(norm, cap): a leaf
+    # whose warm-up norms are 25 and 20 starts at gamma = 1, not 20 (the raw minimum lets 21x larger steps through).
+    tx = optclip.clip_by_leaf_norm(optclip.ema(warmup=2, warmup_max_norm=1.0), name="c")
+    [(_, _, state)] = run_leaves(tx, [[25.0, 0.5], [20.0, 0.4]])
+    np.testing.assert_allclose(np.asarray(state.rule_state.gamma), [1.0, 0.4], rtol=RTOL)
+    [(after, _, _)] = run_leaves(tx, [[25.0, 0.5], [20.0, 0.4], [30.0, 0.45]])
+    np.testing.assert_allclose(after[2], [1.05 * 1.0, 1.05 * 0.4], rtol=RTOL)
 
 
 def test_bare_ema_under_leaf_clip_is_adagc_after_warmup():
@@ -364,12 +702,12 @@ def test_global_norm_from_leaf_norms(scale):
 
 
 SEQ_LEN, WARMUP = 40, 5
-PROPERTY_RULES = {
+PROPERTY_RULES = {  # the rules alone: a fixed cap (max_norm, warmup_max_norm) clips constant norms above it by design
     "percentile": optclip.percentile(p=10.0, history=16),
-    "zscore": optclip.zscore(warmup=WARMUP),
-    "zscore-mean": optclip.zscore(warmup=WARMUP, mode="mean"),
-    "zscore-fixed": optclip.zscore(warmup=WARMUP, mode="fixed"),
-    "ema": optclip.ema(warmup=WARMUP),
+    "zscore": optclip.zscore(warmup=WARMUP, max_norm=None),
+    "zscore-mean": optclip.zscore(warmup=WARMUP, mode="mean", max_norm=None),
+    "zscore-fixed": optclip.zscore(warmup=WARMUP, mode="fixed", max_norm=None),
+    "ema": optclip.ema(warmup=WARMUP, warmup_max_norm=None),
     "quantile": optclip.quantile(),
 }
 _RUNNERS = {}
@@ -419,7 +757,7 @@ def test_constant_norms_are_never_clipped_after_warmup(norm):
 
 LEAF_RULES = {
     "percentile": lambda: optclip.percentile(p=50.0, history=8),
-    "zscore": lambda: optclip.zscore(warmup=3),
+    "zscore": lambda: optclip.zscore(warmup=3, max_norm=None),  # no cap: the spike must be cut by the z-score
     "ema": lambda: optclip.ema(warmup=3),
     "quantile": lambda: optclip.quantile(),
 }
@@ -473,6 +811,10 @@ def _bits(tree):
     return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
 
 
+def _shapes_and_dtypes(tree):
+    return [(np.shape(x), np.asarray(x).dtype) for x in jax.tree.leaves(tree)]
+
+
 @pytest.mark.parametrize("kind", sorted(TRANSFORMS))
 def test_states_serialize_and_zero_gradients_stay_finite(kind):
     tx = TRANSFORMS[kind]()
@@ -482,7 +824,9 @@ def test_states_serialize_and_zero_gradients_stay_finite(kind):
     for t in range(5):
         _, state = update(_grads(t), state)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
-    assert _bits(jax.tree.map(lambda x: x, state)) == _bits(state)
+    # Five updates later the state has the structure, shapes and dtypes of a fresh one: nothing broadcast or promoted.
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    assert _shapes_and_dtypes(state) == _shapes_and_dtypes(tx.init(params))
     restored = flax.serialization.from_state_dict(tx.init(params), flax.serialization.to_state_dict(state))
     from_bytes = flax.serialization.from_bytes(tx.init(params), flax.serialization.to_bytes(state))
     assert _bits(restored) == _bits(state) == _bits(from_bytes)
@@ -528,7 +872,7 @@ def test_inject_hyperparams_passes_rules_through_and_injects_their_numbers():
     np.testing.assert_array_equal(stats["c/history_fill"], [1, 2, 3, 4])
 
     # Numbers of the shorthands are injected (history must be static: it is the buffer's shape).
-    zclip = optax.inject_hyperparams(optclip.zclip)(warmup=3)
+    zclip = optax.inject_hyperparams(optclip.zclip)(warmup=3, max_norm=None)  # None stays static
     state = zclip.init(params)
     step = jax.jit(zclip.update)
     for g in [1.0, 1.1, 0.9]:
@@ -546,7 +890,7 @@ def test_inject_hyperparams_passes_rules_through_and_injects_their_numbers():
     np.testing.assert_allclose(out[-1, 0], np.percentile([1.0, 5.0, 2.0, 40.0], 50.0), rtol=RTOL)
 
     [(out, _, _)] = run_leaves(optax.inject_hyperparams(optclip.adagc)(warmup=1), [[2.0], [9.0]])  # ord injected too
-    np.testing.assert_allclose(out[-1, 0], 1.05 * 2.0, rtol=RTOL)
+    np.testing.assert_allclose(out[-1, 0], 1.05 * 1.0, rtol=RTOL)  # gamma: the warm-up norm after its clip to 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
