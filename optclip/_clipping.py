@@ -32,7 +32,7 @@ import optax
 from optclip import _norms, _xla
 from optclip._norms import NormParts
 from optclip._rules import ThresholdRule, as_rule, guarded_update, non_negative
-from optclip._stats import ClipStats, PerLeaf, check_level, make_stats
+from optclip._stats import ClipStats, PerLeaf, absent, check_level, make_stats, recorded_names, slot_names
 from optclip._validation import ORDS, check_finite, check_name, check_non_negative, check_ord, concrete_float
 
 Array = jax.Array
@@ -110,10 +110,6 @@ def computed_once(scale: Scale, one: Array) -> Scale:
 # leaves
 
 
-def _absent(x: Any) -> bool:
-    return x is None or isinstance(x, optax.MaskedNode)
-
-
 class Slots(NamedTuple):
     """A tree flattened with ``None`` / ``optax.MaskedNode`` kept as slots (frozen or masked-out parameters)."""
 
@@ -122,12 +118,12 @@ class Slots(NamedTuple):
 
     @classmethod
     def of(cls, tree: Any) -> Slots:
-        values, treedef = jax.tree.flatten(tree, is_leaf=_absent)
+        values, treedef = jax.tree.flatten(tree, is_leaf=absent)
         return cls(values, treedef)
 
     @property
     def present(self) -> list[int]:
-        return [i for i, x in enumerate(self.values) if not _absent(x)]
+        return [i for i, x in enumerate(self.values) if not absent(x)]
 
     def rebuilt(self, new: Sequence[Array]) -> Any:
         """The tree with the present slots replaced by ``new``, in order."""
@@ -247,7 +243,7 @@ def clip_by_global_norm(
 
     def init_fn(params):
         rule_state = rule.init()
-        names = _slot_names(params)
+        names = slot_names(params)
         empty = PerLeaf(jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0), names)
         return ClipState(jnp.zeros((), jnp.int32), rule_state, metrics(0.0, 0.0, 1.0, 0.0, 0.0, rule_state, empty))
 
@@ -269,7 +265,7 @@ def clip_by_global_norm(
         clipped = [apply(x, applied) for x in leaves]
         value = norm.value()
         leaf_values = spread(per_leaf.value(), len(slots.values), slots.present)
-        leaf_norm = PerLeaf(leaf_values, _names(state, name, stats))
+        leaf_norm = PerLeaf(leaf_values, recorded_names(state.stats, name, stats))
         new_stats = metrics(
             value,
             threshold,
@@ -283,14 +279,6 @@ def clip_by_global_norm(
         return slots.rebuilt(clipped), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _slot_names(params: Any) -> tuple[str | None, ...]:
-    """Each slot's path (``Slots``), ``None`` for an absent one: the names of a per-leaf statistic."""
-    paths = jax.tree_util.tree_flatten_with_path(params, is_leaf=_absent)[0]
-    return tuple(
-        None if _absent(x) else jax.tree_util.keystr(p, simple=True, separator="/") or "<root>" for p, x in paths
-    )
 
 
 def _per_leaf_stats(name: str, stats: str, basic: dict[str, Any], per_leaf: dict[str, Array], names: Any) -> ClipStats:
@@ -344,7 +332,7 @@ def clip_by_leaf_norm(
     check_name(name)
 
     def init_fn(params):
-        names = _slot_names(params)
+        names = slot_names(params)
         rule_state = stacked_init(rule, len(names))
         absent = jnp.asarray([n is None for n in names], bool)
         zeros = jnp.where(absent, jnp.nan, 0.0).astype(jnp.float32)
@@ -396,18 +384,11 @@ def clip_by_leaf_norm(
             "threshold": jnp.where(seen, thresholds, jnp.nan),
             "clipped": jnp.where(seen, scale.clipped, jnp.nan),
         }
-        names = _names(state, name, stats)
+        names = recorded_names(state.stats, name, stats)
         new_stats = _per_leaf_stats(name, stats, basic, per_leaf, names)
         return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), rule_state, new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _names(state: ClipState, name: str, stats: str) -> tuple[str | None, ...]:
-    """The leaf names a ``"full"`` record was made with at ``init`` (static: they are part of the tree)."""
-    if stats != "full":
-        return ()
-    return next(v.names for v in state.stats.by_name[name].values() if isinstance(v, PerLeaf))
 
 
 def _bound(value: Any, count: Array) -> Array:
@@ -594,7 +575,7 @@ def adaptive_grad_clip(
     check_name(name)
 
     def init_fn(params):
-        names = _slot_names(params)
+        names = slot_names(params)
         zeros = jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0).astype(jnp.float32)
         new_stats = _per_leaf_stats(name, stats, _zero_metrics({}), {"norm": zeros, "clipped": zeros}, names)
         return ClipState(jnp.zeros((), jnp.int32), (), new_stats)
@@ -615,9 +596,8 @@ def adaptive_grad_clip(
         grad_norms = _norms.unit_norms(grad_leaves, 2, axes)
         floors = [jnp.maximum(p.value(), non_negative(eps)) for p in _norms.unit_norms(param_leaves, 2, axes)]
         one = _xla.runtime_one(state.count)
-        clipped = []
-        for x, g, floor in zip(grad_leaves, grad_norms, floors):
-            clipped.append(apply(x, capped_ratio(g, ratio * _xla.computed_once(floor, one))))
+        scales = [capped_ratio(g, ratio * _xla.computed_once(f, one)) for g, f in zip(grad_norms, floors)]
+        clipped = [apply(x, s) for x, s in zip(grad_leaves, scales)]
 
         # The statistics: the same formula once more, over the vector of every unit.
         units = _norms.flat(grad_norms)  # a concatenation of the per-leaf norms: no second reduction
@@ -632,23 +612,15 @@ def adaptive_grad_clip(
             "clipped": jnp.sum(scale.clipped, dtype=jnp.float32) / max(ratios.size, 1),
         }
         per_leaf = {}
-        if stats == "full":
-            size, bounds = len(slots.values), np.cumsum([0] + [f.size for f in floors])
+        if stats == "full":  # each leaf's largest ratio and fraction of units clipped, from its own norms
+            size = len(slots.values)
+            largest = [jnp.max(g.value() / f, initial=0.0) for g, f in zip(grad_norms, floors)]
+            fractions = [jnp.mean(s.clipped) for s in scales]
             per_leaf = {
-                "norm": spread(
-                    jnp.stack([jnp.max(ratios[a:b], initial=0.0) for a, b in zip(bounds, bounds[1:])]),
-                    size,
-                    slots.present,
-                )
-                if floors
-                else jnp.full((size,), jnp.nan),
-                "clipped": spread(
-                    jnp.stack([jnp.mean(scale.clipped[a:b]) for a, b in zip(bounds, bounds[1:])]), size, slots.present
-                )
-                if floors
-                else jnp.full((size,), jnp.nan),
+                "norm": spread(jnp.stack(largest), size, slots.present) if largest else jnp.full((size,), jnp.nan),
+                "clipped": spread(jnp.stack(fractions), size, slots.present) if largest else jnp.full((size,), jnp.nan),
             }
-        new_stats = _per_leaf_stats(name, stats, basic, per_leaf, _names(state, name, stats))
+        new_stats = _per_leaf_stats(name, stats, basic, per_leaf, recorded_names(state.stats, name, stats))
         return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), (), new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -81,14 +81,26 @@ def _copied(value: Any) -> Any:
     return jnp.array(value, jnp.float32)
 
 
-def leaf_names(tree: Any) -> tuple[str, ...]:
-    """The path of every array leaf of ``tree`` (``None`` and ``optax.MaskedNode`` are not leaves), ``/``-joined:
-    ``{"encoder": {"layers_0": {"kernel": ...}}}`` gives ``"encoder/layers_0/kernel"``."""
+def absent(x: Any) -> bool:
+    """A tree slot without an array: a frozen (``None``) or masked-out (``optax.MaskedNode``) parameter."""
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def slot_names(tree: Any) -> tuple[str | None, ...]:
+    """The path of every slot of ``tree`` (a leaf, ``None`` or ``optax.MaskedNode``), ``/``-joined, ``None`` for a
+    slot with no array: ``{"encoder": {"layers_0": {"kernel": ...}}}`` gives ``"encoder/layers_0/kernel"``. The names
+    of a per-leaf statistic."""
+    paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=absent)[0]
     return tuple(
-        jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-        for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]
-        if not isinstance(_, optax.MaskedNode)
+        None if absent(x) else jax.tree_util.keystr(path, simple=True, separator="/") or "<root>" for path, x in paths
     )
+
+
+def recorded_names(record: ClipStats, name: str, level: str) -> tuple[str | None, ...]:
+    """The leaf names a ``"full"`` record was made with at ``init`` (static: they are part of the tree)."""
+    if level != "full":
+        return ()
+    return next(v.names for v in record.by_name[name].values() if isinstance(v, PerLeaf))
 
 
 def _plain(value: Any) -> Any:
