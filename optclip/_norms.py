@@ -54,13 +54,14 @@ HANDOVER_ARG = "optclip_leaf_norms"
 
 
 class NormParts(NamedTuple):
-    """A norm as ``mantissa * 2**exponent``: float32 mantissa, int32 exponent (zero on the common path)."""
+    """A norm as ``mantissa * 2**exponent``: mantissa in the accumulation dtype (float32, float64 for float64
+    gradients), int32 exponent (zero on the common path)."""
 
     mantissa: Array
     exponent: Array
 
     def value(self) -> Array:
-        """The norm as one float32 (``inf`` where it exceeds float32's range)."""
+        """The norm as one float (``inf`` where it exceeds the dtype's range)."""
         return times_pow2(self.mantissa, self.exponent)
 
     def take(self, index: Any) -> NormParts:
@@ -91,8 +92,12 @@ LOWEST_NORMAL_EXPONENT = int(np.finfo(np.float32).minexp)  # -126: 2**-126 is fl
 
 
 def binary_exponent(x: Array) -> Array:
-    """``floor(log2(x))`` of a positive normal float32, read from its exponent bits (no gradient)."""
-    bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(x).astype(jnp.float32), jnp.int32)
+    """``floor(log2(x))`` of a positive normal float32 or float64, read from its exponent bits (no gradient)."""
+    x = jax.lax.stop_gradient(x)
+    if x.dtype == jnp.float64:
+        bits = jax.lax.bitcast_convert_type(x, jnp.int64)
+        return (((bits >> 52) & 0x7FF) - 1023).astype(jnp.int32)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
     return ((bits >> 23) & 0xFF) - 127
 
 
@@ -113,7 +118,8 @@ def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
 
 
 def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale: Array | float) -> list[Array]:
-    """``sum(|x * scale| ** ord)`` of every array over its axes (reduced dims kept), float32; ``scale`` is a power
+    """``sum(|x * scale| ** ord)`` of every array over its axes (reduced dims kept), in the accumulation dtype (at
+    least float32); ``scale`` is a power
     of two. In ``lax`` primitives: this runs once per leaf, and tracing cost counts at 1000 leaves.
 
     The scaling comes first, so that no part of a sum is independent of it (a loop would hoist that part and write
@@ -130,7 +136,7 @@ def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale
         powered = jax.lax.abs(value) if ord == 1 else jax.lax.mul(value, value)
         dims = _reduced_dims(x.ndim, axis)
         total = jax.lax.reduce_sum_p.bind(powered, axes=dims, out_sharding=None) if dims else powered
-        sums.append(jax.lax.convert_element_type(jax.lax.reshape(total, unit_shape(x.shape, axis)), jnp.float32))
+        sums.append(jax.lax.reshape(total, unit_shape(x.shape, axis)))
     return sums
 
 
@@ -224,7 +230,7 @@ def _rescued_power_sums_jvp(
             dtype = accumulation_dtype(x.dtype)
             x, t = x.astype(dtype) * scale.astype(dtype), t.astype(dtype) * scale.astype(dtype)
             slope = jnp.sign(x) if ord == 1 else 2 * x
-            out.append(jnp.sum(slope * t, axis=_reduced_dims(x.ndim, a), keepdims=True).astype(jnp.float32))
+            out.append(jnp.sum(slope * t, axis=_reduced_dims(x.ndim, a), keepdims=True))
         return out if per_array else [flat_values(out)]
 
     no_tangent = np.zeros((), jax.dtypes.float0)
@@ -260,7 +266,7 @@ def unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> lis
     if not arrays:
         return []
     if ord == math.inf:
-        return [NormParts(p.astype(jnp.float32), jnp.zeros(p.shape, jnp.int32)) for p in _maxima(arrays, axes)]
+        return [NormParts(p, jnp.zeros(p.shape, jnp.int32)) for p in _maxima(arrays, axes)]
     return [NormParts(_root(s, ord), e) for s, e in _sums(arrays, ord, axes, True).per_array()]
 
 
@@ -271,7 +277,7 @@ def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
     if not arrays:
         return NormParts(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
     if ord == math.inf:
-        values = flat_values(_maxima(arrays, axes)).astype(jnp.float32)
+        values = flat_values(_maxima(arrays, axes))
         return NormParts(values, jnp.zeros(values.shape, jnp.int32))
     sums, exponents = _sums(arrays, ord, axes, False).flat()
     return NormParts(_root(sums, ord), exponents)
