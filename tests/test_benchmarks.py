@@ -25,7 +25,7 @@ def test_a_tiny_run_of_the_whole_table(run, tmp_path):
     # One test, so that the run (every configuration compiled) happens once even when xdist splits the module.
     out = tmp_path / "results"
     argv = ["--sizes", "1e3", "--leaves", "2", "--no-models", "--repeats", "3", "--warmup", "1"]
-    argv += ["--target-tree", "1e3/2", "--compile-leaves", "2", "--out", str(out), "--tag", "smoke"]
+    argv += ["--target-tree", "1e3/2", "--out", str(out), "--tag", "smoke"]
     tiny = run.main(argv), out
     _writes_the_json_it_returns_and_a_markdown_table(tiny)
     _meta_names_the_machine_versions_threads_device_and_load(tiny)
@@ -62,10 +62,13 @@ def _meta_names_the_machine_versions_threads_device_and_load(tiny):
 
 def _every_available_config_is_timed_compiled_and_measured(run, tiny):
     assert [r for r in tiny[0]["rows"] if "error" in r] == []
-    rows = {r["config"]: r for r in tiny[0]["rows"]}
     expected = {c.name for c in run.CONFIGS if c.available()}
-    assert expected <= set(rows)
     assert {c.name for c in run.CONFIGS if not c.available()} == set(tiny[0]["meta"]["left_out"])
+    for donated in (True, False):  # the target tree is timed with donated buffers and without
+        rows = {r["config"]: r for r in tiny[0]["rows"] if r["donated"] == donated}
+        assert expected <= set(rows)
+        assert rows[run.BASELINE]["ratio"] == 1.0
+    rows = {r["config"]: r for r in tiny[0]["rows"] if r["donated"]}
     for name in expected:
         r = rows[name]
         assert r["tree"] == "1e3/2" and r["params"] == 1000 and r["leaves"] == 2 and r["param_bytes"] == 4000
@@ -74,11 +77,10 @@ def _every_available_config_is_timed_compiled_and_measured(run, tiny):
         assert r["lower_s"] > 0 and r["compile_s"] > 0
         assert r["lower_compile_s"] == pytest.approx(r["lower_s"] + r["compile_s"])
         assert r["temp_bytes"] >= 0 and r["output_bytes"] >= r["param_bytes"] and r["fusions"] >= 1
-    assert rows[run.BASELINE]["ratio"] == 1.0
 
 
 def _torch_rows_are_paired_with_torch_adam_when_torch_is_there(tiny):
-    rows = {r["config"]: r for r in tiny[0]["rows"]}
+    rows = {r["config"]: r for r in tiny[0]["rows"] if r["donated"]}
     if tiny[0]["meta"]["torch_device"] is None:
         assert not any(name.startswith("torch.") for name in rows)
         return
@@ -89,46 +91,55 @@ def _torch_rows_are_paired_with_torch_adam_when_torch_is_there(tiny):
 
 def _targets_are_judged_from_the_rows(run, tiny):
     result = tiny[0]
-    rows = {r["config"]: r for r in result["rows"]}
-    targets = result["targets"]
-    assert targets and all(isinstance(t["passed"], bool) for t in targets)
-    for t in targets:
-        assert t["passed"] == (t["measured"] <= t["limit"])
-        if t["target"] == "step time / adam":
-            assert t["measured"] == rows[t["config"]]["ratio"]
-    judged = {(t["config"], t["target"].split(" ")[0]) for t in targets}
-    for c in run.CONFIGS:
-        if c.available() and c.vs is not None:
-            assert (c.name, "compile") in judged
+    judged = {(t["config"], t["target"], t["where"]) for t in result["targets"]}
+    for t in run.TARGETS:
+        if t.kind == "compile":
+            continue  # --compile measures those
+        modes = ["donated", "not donated"] if t.kind == "step" else ["donated"]
+        for mode in modes:
+            assert (t.config, t.describe(), f"1e3/2, {mode}") in judged
+    # A step target's measured value is the row's ratio; its limit comes from the other row's.
+    rows = {(r["config"], r["donated"]): r for r in result["rows"]}
+    for t in result["targets"]:
+        if t["target"] == "step / adam <= optax.clip + 0.05":
+            donated = t["where"].endswith(", donated")
+            assert t["measured"] == rows[("optclip.clip_by_value", donated)]["ratio"]
+            assert t["limit"] == pytest.approx(rows[("optax.clip", donated)]["ratio"] + 0.05)
 
 
-def _row(config, ratio, temp=0, compile_s=1.0, tree="T", leaves=10):
-    return {
-        "tree": tree,
-        "config": config,
-        "ratio": ratio,
-        "temp_bytes": temp,
-        "param_bytes": 1000,
-        "lower_compile_s": compile_s,
-        "leaves": leaves,
-    }
+def _row(config, ratio, temp=0, donated=True, tree="T"):
+    return {"tree": tree, "config": config, "ratio": ratio, "temp_bytes": temp, "param_bytes": 1000, "donated": donated}
 
 
-def test_a_target_above_its_limit_is_a_miss_and_a_missing_tree_is_not_judged(run):
-    configs = [
-        run.Config("adam", None),
-        run.Config("optax.x", None),
-        run.Config("optclip.x", None, max_ratio=1.1, vs="optax.x"),
+def test_targets_pass_at_or_below_their_limit_and_miss_above_it(run):
+    targets = [
+        run.Target("step", "optclip.x", 1.1),
+        run.Target("step", "optclip.x", 0.05, "optax.x"),
+        run.Target("step", "optclip.x", 0.0, "optax.x", 0.8),
+        run.Target("temp", "optclip.x", 0.01),
+        run.Target("compile", "optclip.x", 0.0, "optax.x", 1.25),
     ]
-    rows = [_row("adam", 1.0), _row("optax.x", 1.0, compile_s=2.0), _row("optclip.x", 1.2, temp=50, compile_s=2.1)]
-    verdicts = {t["target"]: t for t in run.evaluate_targets(rows, configs, "T", 10)}
-    assert verdicts["step time / adam"]["passed"] is False
-    assert verdicts["step time / optax.x"]["measured"] == pytest.approx(1.2)
-    assert verdicts["compile time / optax.x"]["passed"] is True
-    assert verdicts["extra temp bytes / param bytes"]["measured"] == pytest.approx(0.05)
-    assert verdicts["extra temp bytes / param bytes"]["passed"] is False
-    unjudged = run.evaluate_targets(rows, configs, "another tree", 1000)
-    assert unjudged and all(t["passed"] is None for t in unjudged)
+    rows = [_row("adam", 1.0), _row("optax.x", 1.1), _row("optclip.x", 1.15, temp=50)]
+    compile_rows = [{"config": "optax.x", "median_s": 2.0, "tree": "C"}, {"config": "optclip.x", "median_s": 2.5}]
+    got = {(t["target"], t["kind"]): t for t in run.judge(targets, rows, compile_rows, "T")}
+    assert got[("step / adam <= 1.1", "step")]["passed"] is False  # 1.15 > 1.1
+    assert got[("step / adam <= optax.x + 0.05", "step")]["passed"] is True  # 1.15 <= 1.15
+    assert got[("step / adam <= 0.8 x optax.x", "step")]["limit"] == pytest.approx(0.88)
+    assert got[("step / adam <= 0.8 x optax.x", "step")]["passed"] is False
+    assert got[("extra temp / param bytes <= 0.01", "temp")]["measured"] == pytest.approx(0.05)
+    assert got[("extra temp / param bytes <= 0.01", "temp")]["passed"] is False
+    assert got[("compile s <= 1.25 x optax.x", "compile")]["passed"] is True  # 2.5 <= 2.5
+    assert got[("compile s <= 1.25 x optax.x", "compile")]["where"] == "C, fresh processes"
+    # A tree the rows do not hold, or a missing comparison, is not judged.
+    assert all(t["passed"] is None for t in run.judge(targets[:4], rows, None, "another tree"))
+    assert run.judge(targets[4:], rows, None, "T")[0]["passed"] is None
+
+
+def test_compile_mode_measures_each_config_in_a_fresh_process(run, tmp_path):
+    rows = run.compile_in_fresh_processes(["adam", "optax.clip"], "1e3/2", rounds=2)
+    assert [r["config"] for r in rows] == ["adam", "optax.clip"]
+    for r in rows:
+        assert len(r["seconds"]) == 2 and all(s > 0 for s in r["seconds"]) and r["median_s"] > 0
 
 
 def test_quick_is_the_target_tree_alone(run):
