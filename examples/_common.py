@@ -78,14 +78,27 @@ def make_clip(method: str, args: argparse.Namespace) -> optax.GradientTransforma
     return CLIPS[method](args)
 
 
+def layer_of_path(path: str) -> str:
+    """The layer of a parameter path, for ``--monitor``: its first component, and the second too when that is an
+    index into a list of layers (``blocks/0/attn/kernel`` -> ``blocks/0``, ``head/kernel`` -> ``head``)."""
+    parts = path.split("/")
+    return "/".join(parts[:2]) if len(parts) > 2 and parts[1].isdigit() else parts[0]
+
+
 def make_transform(
     method: str, optimizer: optax.GradientTransformation, args: argparse.Namespace
 ) -> optax.GradientTransformation:
-    """``optax.chain(<clip>, optimizer)`` for a clip, ``<guard>(optimizer)`` for a guard, ``optimizer`` for none."""
+    """``optax.chain(<clip>, optimizer)`` for a clip, ``<guard>(optimizer)`` for a guard, ``optimizer`` for none.
+
+    With ``--monitor``, ``optclip.monitor(group=layer_of_path)`` comes first in the chain (inside a guard): it logs
+    each layer's gradient norm as ``monitor/norm/<layer>`` and shares its measurement with the clip or the guard."""
+    monitored = getattr(args, "monitor", False)
+    first = [optclip.monitor(group=layer_of_path)] if monitored else []
     if method in GUARDS and method in available_methods():
-        return GUARDS[method](optimizer)
+        return GUARDS[method](optax.chain(*first, optimizer) if first else optimizer)
     clip = make_clip(method, args)
-    return optimizer if clip is None else optax.chain(clip, optimizer)
+    chained = [*first, *([] if clip is None else [clip]), optimizer]
+    return chained[0] if len(chained) == 1 else optax.chain(*chained)
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float) -> optax.GradientTransformation:
@@ -301,6 +314,53 @@ class JsonlWriter:
         self.close()
 
 
+class TensorBoard:
+    """Every numeric field of each step record as a TensorBoard scalar (tag: the field's name, such as
+    ``monitor/norm/blocks/0``), one event-file folder per run (``DIR/<run id>``), written by tensorboardX's
+    ``SummaryWriter`` (the ``examples`` extra; no TensorFlow needed). ``tensorboard --logdir DIR`` shows them."""
+
+    def __init__(self, root: Path) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as err:
+            raise SystemExit("--tensorboard needs tensorboardX: pip install 'optclip[examples]'") from err
+        self.root = root
+        self._writer_class = SummaryWriter
+        self._writers: dict[str, Any] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        run, step = str(record["run"]), int(record["step"])
+        if run not in self._writers:
+            self._writers[run] = self._writer_class(logdir=str(self.root / run), flush_secs=30)
+        writer = self._writers[run]
+        for key, value in record.items():
+            if key not in ("run", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+
+class StepLog(JsonlWriter):
+    """``steps.jsonl``, and the same records as TensorBoard scalars when ``tensorboard`` (``--tensorboard DIR``) is
+    given."""
+
+    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
+        super().__init__(path)
+        self.tensorboard = TensorBoard(tensorboard) if tensorboard is not None else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        super().write(record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        super().close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
 def progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -333,6 +393,18 @@ def add_common_args(parser: argparse.ArgumentParser, *, script: str, methods: Se
     )
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="show a tqdm progress bar over steps"
+    )
+    parser.add_argument(
+        "--monitor",
+        action="store_true",
+        help="chain optclip.monitor() first: each layer's gradient norm (monitor/norm/<layer>) in steps.jsonl",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write every step's statistics as TensorBoard scalars, one folder per run under DIR (tensorboardX)",
     )
 
 

@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"AGC {args.agc}; {args.seeds} seeds",
     ]
     with (
-        _common.JsonlWriter(args.out / "steps.jsonl") as steps_log,
+        _common.StepLog(args.out / "steps.jsonl", args.tensorboard) as steps_log,
         _common.JsonlWriter(args.out / "runs.jsonl") as runs_log,
     ):
         for length in args.lengths:

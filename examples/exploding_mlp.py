@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     curves: dict[str, list[_common.Curve]] = {}
     rows = []
     with (
-        _common.JsonlWriter(args.out / "steps.jsonl") as steps_log,
+        _common.StepLog(args.out / "steps.jsonl", args.tensorboard) as steps_log,
         _common.JsonlWriter(args.out / "runs.jsonl") as runs_log,
     ):
         for method in args.methods:

@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tables: dict[str, list[list[str]]] = {}
     headers = ["method", "test accuracy: median (min-max)", *_common.TRACKER_HEADERS]
     with (
-        _common.JsonlWriter(args.out / "steps.jsonl") as steps_log,
+        _common.StepLog(args.out / "steps.jsonl", args.tensorboard) as steps_log,
         _common.JsonlWriter(args.out / "runs.jsonl") as runs_log,
     ):
         for variant in args.variants:

@@ -22,7 +22,10 @@ interleaved in shuffled rounds so that the machine's load hits them alike. With 
 learning-rate sweep instead (``--sweep-lr``, ``--sweep-methods``) from which the default --lr was chosen.
 
 Per-layer gradient norms (embedding, each block, head) are computed in the training step by
-``layer_grad_norms``: optclip has no per-layer monitor yet.
+``layer_grad_norms``, outside the optimizer, so that every method logs the same thing at the same cost. With
+``--monitor`` the chain also starts with ``optclip.monitor()``, which logs each layer's norm from inside the
+optimizer as ``monitor/norm/<layer>``, sharing the clip's measurement; ``--tensorboard DIR`` writes every step's
+statistics as TensorBoard scalars.
 
 Outputs in --out: steps.jsonl (every step of every run: loss, gradient norm, the clip's and guards' statistics,
 the per-layer gradient norms), runs.jsonl (one line per run), summary.md (the tables) and transformer.png (loss and
@@ -169,7 +172,8 @@ def layer_of(path: Sequence[Any]) -> str:
 
 def layer_grad_norms(grads: Any) -> dict[str, jax.Array]:
     """The 2-norm of the raw gradient of each layer (``layer_of``), as ``layer_norm/<layer>``. Computed here, in
-    the jitted step, because optclip has no per-layer monitor yet."""
+    the jitted step and outside the optimizer, so that every method's runs log it alike (``--monitor`` adds
+    ``optclip.monitor``'s per-layer norms from inside the chain)."""
     squares: dict[str, list[jax.Array]] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
         squares.setdefault(layer_of(path), []).append(jnp.sum(jnp.square(leaf.astype(jnp.float32))))
@@ -487,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     curves: dict[str, LayerCurve] = {}
     evals: dict[str, list[tuple[int, float]]] = {}
     with (
-        _common.JsonlWriter(args.out / "steps.jsonl") as steps_log,
+        _common.StepLog(args.out / "steps.jsonl", args.tensorboard) as steps_log,
         _common.JsonlWriter(args.out / "runs.jsonl") as runs_log,
     ):
         for lr in lrs:

@@ -423,3 +423,49 @@ def test_transformer_spikes_sweep(tmp_path):
     check_outputs(tmp_path, "sweep.png", ["0.001 | none", "0.1 | none"], runs_expected=2)
     assert [row[:2] for row in result["tables"]["sweep"]] == [["0.001", "none"], ["0.1", "none"]]
     assert not (tmp_path / "transformer.png").exists()
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every TensorBoard event file in ``folder``, read back as TensorBoard reads them: TFRecord
+    framing (length, its masked CRC, the serialized ``Event`` protobuf, its masked CRC) around tensorboardX's own
+    copy of TensorBoard's ``Event`` message."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_event_files_hold_every_step_and_the_monitor_per_layer(tmp_path):
+    pytest.importorskip("tensorboardX")
+    argv = ["--dim", "16", "--depth", "2", "--heads", "2", "--batch", "4", "--steps", "6", "--warmup", "2"]
+    argv += ["--seeds", "1", "--eval-every", "3", "--valid-size", "8", "--timing-rounds", "1", "--timing-steps", "1"]
+    argv += ["--methods", "none", "global", "--monitor", "--tensorboard", str(tmp_path / "tb"), "--no-progress"]
+    transformer_spikes.main([*argv, "--out", str(tmp_path / "out")])
+    steps = read_jsonl(tmp_path / "out" / "steps.jsonl")
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["lr0.05-global-s0", "lr0.05-none-s0"]
+    for run in ("lr0.05-none-s0", "lr0.05-global-s0"):
+        scalars = read_scalars(tmp_path / "tb" / run)
+        logged = [r for r in steps if r["run"] == run]
+        layers = {"monitor/norm/blocks/0", "monitor/norm/blocks/1", "monitor/norm/embed", "monitor/norm/head"}
+        assert scalars.keys() >= {"loss", "grad_norm", "monitor/norm"} | layers
+        for tag in ("loss", "grad_norm", "monitor/norm/blocks/1"):
+            assert [step for step, _ in scalars[tag]] == [r["step"] for r in logged] == list(range(1, 7))
+            np.testing.assert_allclose([v for _, v in scalars[tag]], [r[tag] for r in logged], rtol=1e-6)
+        # The monitor measures the raw gradient, before the clip: its global norm is the step's gradient norm.
+        np.testing.assert_allclose([v for _, v in scalars["monitor/norm"]], [r["grad_norm"] for r in logged], rtol=1e-5)
+        # Its per-layer norms are the script's own per-layer norms, computed outside the optimizer.
+        np.testing.assert_allclose(
+            [r["monitor/norm/blocks/0"] for r in logged], [r["layer_norm/block0"] for r in logged], rtol=1e-5
+        )
+    assert "clip_by_global_norm/norm" not in read_scalars(tmp_path / "tb" / "lr0.05-global-s0")  # logged plain
+    assert {"norm", "threshold", "clipped"} <= read_scalars(tmp_path / "tb" / "lr0.05-global-s0").keys()
