@@ -131,8 +131,10 @@ def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale
         if jnp.issubdtype(x.dtype, jnp.complexfloating):
             x = jax.lax.abs(x)
         value = jax.lax.convert_element_type(x, dtype)
-        if not (isinstance(scale, float) and scale == 1.0):
-            value = jax.lax.mul(value, jax.lax.convert_element_type(scale, dtype))
+        if isinstance(scale, float):
+            value = value if scale == 1.0 else jax.lax.mul(value, jnp.asarray(scale, dtype))
+        else:
+            value = jax.lax.mul(value, _xla.tied(jax.lax.convert_element_type(scale, dtype), x))
         powered = jax.lax.abs(value) if ord == 1 else jax.lax.mul(value, value)
         dims = _reduced_dims(x.ndim, axis)
         total = jax.lax.reduce_sum_p.bind(powered, axes=dims, out_sharding=None) if dims else powered

@@ -8,6 +8,10 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   read by each leaf's kernel makes every such kernel different (XLA:CPU compiles identical kernels once). A
   division is never copied this way; dividing by a 1 that XLA only learns at run time is exact and ends the chain
   in a kernel of its own. Test: ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``.
+* ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
+  broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
+  entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
+  ``test_the_norm_writes_no_leaf_sized_buffer``.
 * ``rare_second_pass``: the norm rescue reads the gradients a second time only on the rare step that needs it. On
   CPU a loop that runs its body once more when asked costs nothing and holds the reductions once (a ``lax.cond``
   would compile every reduction a second time inside its branch). On GPU a loop or conditional reads its
@@ -18,7 +22,7 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import jax
@@ -38,17 +42,13 @@ def computed_once(x: Array, one: Array) -> Array:
     return x / one.astype(x.dtype)
 
 
-def blocks(vector: Array, one: Array, shapes: Sequence[tuple[int, ...]]) -> list[Array]:
-    """``vector`` cut into consecutive blocks of ``shapes``, each computed once in a buffer of its own, so that the
-    update kernels of same-shape leaves read identical inputs and stay identical kernels."""
-    out, start = [], 0
-    for shape in shapes:
-        size = 1
-        for n in shape:
-            size *= n
-        out.append(computed_once(vector[start : start + size].reshape(shape), one))
-        start += size
-    return out
+def tied(scalar: Array, x: Array) -> Array:
+    """``scalar`` unchanged, as an operand of ``x``'s kernels alone (see the module docstring)."""
+    if x.size == 0:
+        return scalar
+    first = jax.lax.stop_gradient(x.reshape(-1)[0])
+    zero = jnp.where(jnp.isfinite(first), first, 0).astype(scalar.dtype) * 0
+    return scalar + zero
 
 
 def rare_second_pass(

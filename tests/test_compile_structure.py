@@ -59,3 +59,27 @@ def test_update_kernels_are_shared_by_all_leaves_of_one_shape(make):
     few, many = (_leaf_kernel_bodies(optax.chain(make(), optax.adam(1e-3)), n) for n in (3, 6))
     assert few, "no leaf-shaped kernel found: the HLO text format changed, update the pattern"
     assert len(many) == len(few)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optclip.clip_by_global_norm(1.0),
+        lambda: optclip.clip_by_leaf_norm(1.0),
+        lambda: optclip.clip_by_value(1.0),
+    ],
+    ids=["global", "leaf", "value"],
+)
+def test_the_norm_writes_no_leaf_sized_buffer(make):
+    # Large same-shape leaves take XLA:CPU's fast reduction kernels; a scale shared by all of them was written out
+    # as one leaf-sized buffer first (optclip/_xla.py, ``tied``). One leaf here is 4 MB; allow 1% of one.
+    params = {f"w{i}": jnp.zeros((1000, 1000)) for i in range(3)}
+    tx = optax.chain(make(), optax.adam(1e-3))
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 0.01 * 4 * 1000 * 1000, temp
