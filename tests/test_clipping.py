@@ -92,13 +92,16 @@ def test_gradient_through_the_clip_at_zero_is_finite(kind, threshold):
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grad))
 
 
-def test_optax_clip_by_global_norm_zero_is_nan_at_zero_for_contrast():
-    tx = optax.clip_by_global_norm(0.0)
+def test_the_gradient_through_a_zero_threshold_clip_at_zero_is_zero():
+    # optax.clip_by_global_norm(0.0) gives NaN here (0 / 0 in its scale, optax 0.2.8); optclip's scale is 0 for a
+    # zero threshold and the norm's safe root keeps the chain rule finite. The expected value is optclip's alone, so
+    # the test does not depend on what optax does.
+    tx = optclip.clip_by_global_norm(0.0)
 
     def loss(g):
         return jnp.sum(tx.update({"w": g}, tx.init({"w": g}))[0]["w"])
 
-    assert np.isnan(np.asarray(jax.grad(loss)(jnp.zeros(3)))).all()
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss)(jnp.zeros(3))), 0.0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
