@@ -186,7 +186,7 @@ def monitor(
             metrics = {k: total for k, (total, _) in values.items()}
         return make_stats(name, metrics, stats)
 
-    def init_fn(params):
+    def init_fn(params: Any) -> MonitorState:
         names = slot_names(params)
         layout = _layout(names, group)
         if layout.rows is None:
@@ -196,8 +196,8 @@ def monitor(
         zeros = (jnp.float32(0), empty)
         return MonitorState(jnp.zeros((), jnp.int32), record(layout, *zeros, zeros if param_norms else None))
 
-    def update_fn(updates, state, params=None, **extra_args):
-        count = optax.safe_int32_increment(state.count)
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+        count = jnp.asarray(optax.safe_int32_increment(state.count))
         if stats == "none":
             return updates, MonitorState(count, state.stats)
         if param_norms and params is None:
@@ -215,7 +215,8 @@ def monitor(
             param_parts = _norms.LeafNorms([param_slots[i] for i in slots.present], 2.0).flat()
             param = (_norms.combine(param_parts, 2.0).value(), _place(param_parts, layout, slots))
         new = record(layout, norm, _place(per_leaf, layout, slots), param)
-        if jax.tree.structure(new) != jax.tree.structure(state.stats):
+        same_structure = jax.tree.structure(new) == jax.tree.structure(state.stats)  # type: ignore[operator]
+        if not same_structure:
             raise ValueError(
                 f"{name}: the updates' leaves or groups {layout.names} differ from those of the parameters given to "
                 "init; init and update trees must have the same structure and paths"

@@ -52,7 +52,7 @@ class History:
     layers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
-def spike_steps(norms: Sequence[float], factor: float = 5.0, window: int = 50) -> list[int]:
+def spike_steps(norms: Sequence[float] | np.ndarray, factor: float = 5.0, window: int = 50) -> list[int]:
     r"""The positions where a spike starts: step :math:`t` is above when
 
     .. math:: x_t > f \cdot \operatorname{median}(x_{t-w}, \dots, x_{t-1})
