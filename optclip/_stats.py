@@ -18,7 +18,7 @@ with that ``PerLeaf``'s names.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -250,7 +250,7 @@ def stats(state: Any) -> dict[str, Array]:
        'clip_by_global_norm/scale': 0.2, 'clip_by_global_norm/norm_after': 1.0,
        'clip_by_global_norm/clipped': 1.0}
     """
-    return _flatten(_records(state), lambda values, i: values[i])
+    return _flatten(_records(state))
 
 
 def _named_culprit(metrics: Mapping[str, Any], value: Any) -> Any:
@@ -262,8 +262,8 @@ def _named_culprit(metrics: Mapping[str, Any], value: Any) -> Any:
     return _plain(value) if names is None else Culprit(_plain(value), names)
 
 
-def _flatten(records: Sequence[ClipStats], index: Callable[[Any, int], Any]) -> dict[str, Any]:
-    """``{"<name>/<metric>[/<path>]": value}`` of ``records``; ``index(vector, i)`` reads a per-leaf entry."""
+def _flatten(records: Sequence[ClipStats]) -> dict[str, Any]:
+    """``{"<name>/<metric>[/<path>]": value}`` of ``records`` (device arrays, or host arrays after a copy)."""
     flat: dict[str, Any] = {}
     for record in records:
         for name, metrics in record.by_name.items():
@@ -278,7 +278,7 @@ def _flatten(records: Sequence[ClipStats], index: Callable[[Any, int], Any]) -> 
                 if isinstance(value, PerLeaf):
                     values = _plain(value.values)
                     named = [(i, leaf) for i, leaf in enumerate(value.names) if leaf is not None]  # None: no parameter
-                    flat.update({f"{name}/{metric}/{leaf}": index(values, i) for i, leaf in named})
+                    flat.update({f"{name}/{metric}/{leaf}": values[i] for i, leaf in named})
                 elif metric == "culprit" or isinstance(value, Culprit):
                     flat[f"{name}/{metric}"] = _named_culprit(metrics, value)
                 else:
@@ -322,7 +322,7 @@ def host_stats(state: Any) -> dict[str, float | str | None]:
         return {key: _host_value(value) for key, value in fetched.items()}
     records = jax.tree.map(_plain, _records(state), is_leaf=lambda x: hasattr(x, "get_value"))
     fetched = jax.device_get(records)
-    return {key: _host_value(value) for key, value in _flatten(fetched, lambda values, i: values[i]).items()}
+    return {key: _host_value(value) for key, value in _flatten(fetched).items()}
 
 
 def _host_value(value: Any) -> float | str | None:
