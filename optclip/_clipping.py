@@ -593,8 +593,10 @@ def adaptive_grad_clip(
         grad_leaves = [slots.values[i] for i in slots.present]
         param_leaves = [param_slots[i] for i in slots.present]
         axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
-        grad_norms = _norms.unit_norms(grad_leaves, 2, axes)
-        floors = [jnp.maximum(p.value(), non_negative(eps)) for p in _norms.unit_norms(param_leaves, 2, axes)]
+        # Gradients and weights in one measurement: one rescue loop for both.
+        both = _norms.unit_norms([*grad_leaves, *param_leaves], 2, [*axes, *axes])
+        grad_norms, param_norms = both[: len(axes)], both[len(axes) :]
+        floors = [jnp.maximum(p.value(), non_negative(eps)) for p in param_norms]
         one = _xla.runtime_one(state.count)
         scales = [capped_ratio(g, ratio * _xla.computed_once(f, one)) for g, f in zip(grad_norms, floors)]
         clipped = [apply(x, s) for x, s in zip(grad_leaves, scales)]
