@@ -6,7 +6,7 @@ Two scopes in one transform: the warm-up clips the global norm, afterwards each 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import optax
@@ -24,6 +24,7 @@ from optclip._clipping import (
     computed_once,
     leafwise_rule_metrics,
     leafwise_rule_update,
+    next_count,
     norms_for_ord,
 )
 from optclip._rules import non_negative
@@ -89,7 +90,10 @@ def adagc(
     per_leaf_clip = clip_by_leaf_norm(rule, ord=ord, stats=stats, name=name)  # validates; its state is adagc's
     cap = non_negative(jnp.asarray(jnp.inf if warmup_max_norm is None else warmup_max_norm, jnp.float32))
 
-    def update_fn(updates: Any, state: ClipState, params: Any = None, **extra_args: Any) -> tuple[Any, ClipState]:
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, optax.OptState]:
+        state = cast(ClipState, state)
         del params
         check_float_leaves(updates, name)
         slots = Slots.of(updates)
@@ -137,7 +141,7 @@ def adagc(
             "clipped": pick(global_scale.clipped, jnp.mean(leaf_clipped) if parts else 0.0),
             **leafwise_rule_metrics(rule, rule_state, size),
         }
-        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, make_stats(name, metrics, stats))
+        new_state = ClipState(next_count(state.count), rule_state, make_stats(name, metrics, stats))
         return slots.rebuilt(clipped), new_state
 
     return optax.GradientTransformationExtraArgs(per_leaf_clip.init, update_fn)

@@ -22,7 +22,7 @@ clip reuses its measurement instead of reading them again.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,15 @@ UnitAxes = int | Sequence[int] | Callable[[tuple[int, ...]], Any] | None
 CLIP_METRICS = ("norm", "threshold", "scale", "norm_after", "clipped")
 
 
+Updates = optax.Updates
+OptState = optax.OptState
+
+
+def next_count(count: Array) -> Array:
+    """``count + 1``, saturating at the largest int32 (``optax.safe_int32_increment``)."""
+    return jnp.asarray(optax.safe_int32_increment(count))
+
+
 class ClipState(NamedTuple):
     """State of every clip: the update count (for schedules), the threshold rule's state, the last statistics.
 
@@ -53,7 +62,7 @@ class ClipState(NamedTuple):
       (1, 0.2)
     """
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # a field named like tuple.count, as optax's own states have
     rule_state: Any
     stats: ClipStats
 
@@ -236,18 +245,23 @@ def clip_by_global_norm(
     check_level(stats)
     check_name(name)
 
-    def metrics(norm, threshold, scale, norm_after, clipped, rule_state, leaf_norm):
+    def metrics(
+        norm: Any, threshold: Any, scale: Any, norm_after: Any, clipped: Any, rule_state: Any, leaf_norm: Any
+    ) -> ClipStats:
         basic = {"norm": norm, "threshold": threshold, "scale": scale, "norm_after": norm_after, "clipped": clipped}
         full = {"leaf_norm": leaf_norm} if stats == "full" else {}
         return make_stats(name, {**basic, **rule.stats(rule_state), **full}, stats)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipState:
         rule_state = rule.init()
         names = slot_names(params)
         empty = PerLeaf(jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0), names)
         return ClipState(jnp.zeros((), jnp.int32), rule_state, metrics(0.0, 0.0, 1.0, 0.0, 0.0, rule_state, empty))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: Updates, state: OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        state = cast(ClipState, state)
         del params
         check_float_leaves(updates, name)
         slots = Slots.of(updates)
@@ -275,7 +289,7 @@ def clip_by_global_norm(
             rule_state,
             leaf_norm,
         )
-        new_state = ClipState(optax.safe_int32_increment(state.count), rule_state, new_stats)
+        new_state = ClipState(next_count(state.count), rule_state, new_stats)
         return slots.rebuilt(clipped), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -331,7 +345,7 @@ def clip_by_leaf_norm(
     check_level(stats)
     check_name(name)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipState:
         names = slot_names(params)
         rule_state = stacked_init(rule, len(names))
         absent = jnp.asarray([n is None for n in names], bool)
@@ -340,7 +354,10 @@ def clip_by_leaf_norm(
         per_leaf = {"norm": zeros, "threshold": zeros, "clipped": zeros}
         return ClipState(jnp.zeros((), jnp.int32), rule_state, _per_leaf_stats(name, stats, basic, per_leaf, names))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: Updates, state: OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        state = cast(ClipState, state)
         del params
         check_float_leaves(updates, name)
         slots = Slots.of(updates)
@@ -386,7 +403,7 @@ def clip_by_leaf_norm(
         }
         names = recorded_names(state.stats, name, stats)
         new_stats = _per_leaf_stats(name, stats, basic, per_leaf, names)
-        return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), rule_state, new_stats)
+        return slots.rebuilt(clipped), ClipState(next_count(state.count), rule_state, new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -451,12 +468,15 @@ def clip_by_value(
     check_name(name)
     metrics = ("norm", "threshold") if stats == "basic" else CLIP_METRICS
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipState:
         del params
         zeros = _zero_metrics({})
         return ClipState(jnp.zeros((), jnp.int32), (), make_stats(name, {k: zeros[k] for k in metrics}, stats))
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: Updates, state: OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        state = cast(ClipState, state)
         del params
         check_float_leaves(updates, name)
         high = _bound(max_value, state.count)
@@ -468,9 +488,7 @@ def clip_by_value(
         leaves, treedef = jax.tree.flatten(updates)
         clipped = [jnp.clip(x, low.astype(x.dtype), high.astype(x.dtype)) for x in leaves]
         if stats == "none":
-            return jax.tree.unflatten(treedef, clipped), ClipState(
-                optax.safe_int32_increment(state.count), (), state.stats
-            )
+            return jax.tree.unflatten(treedef, clipped), ClipState(next_count(state.count), (), state.stats)
         # The statistics carry no gradient. The norm is the one a guard around this clip may have measured already.
         norm = jax.lax.stop_gradient(_norms.leaf_norms_of(leaves, 2, extra_args).total().value())
         found = {"norm": norm, "threshold": high}
@@ -481,7 +499,7 @@ def clip_by_value(
             found["norm_after"] = after
             found["clipped"] = outside / max(sum(x.size for x in leaves), 1)
         new_stats = make_stats(name, {k: found[k] for k in metrics}, stats)
-        return jax.tree.unflatten(treedef, clipped), ClipState(optax.safe_int32_increment(state.count), (), new_stats)
+        return jax.tree.unflatten(treedef, clipped), ClipState(next_count(state.count), (), new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -574,13 +592,16 @@ def adaptive_grad_clip(
     check_level(stats)
     check_name(name)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> ClipState:
         names = slot_names(params)
         zeros = jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0).astype(jnp.float32)
         new_stats = _per_leaf_stats(name, stats, _zero_metrics({}), {"norm": zeros, "clipped": zeros}, names)
         return ClipState(jnp.zeros((), jnp.int32), (), new_stats)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: Updates, state: OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[Updates, OptState]:
+        state = cast(ClipState, state)
         del extra_args  # AGC measures units, not leaves: nothing upstream measures those
         if params is None:
             raise ValueError(f"{name}: adaptive_grad_clip needs params; call tx.update(grads, state, params)")
@@ -596,7 +617,7 @@ def adaptive_grad_clip(
         # Gradients and weights in one measurement: one rescue loop for both.
         both = _norms.unit_norms([*grad_leaves, *param_leaves], 2, [*axes, *axes])
         grad_norms, param_norms = both[: len(axes)], both[len(axes) :]
-        floors = [jnp.maximum(p.value(), non_negative(eps)) for p in param_norms]
+        floors = [jnp.maximum(p.value(), non_negative(jnp.asarray(eps))) for p in param_norms]
         one = _xla.runtime_one(state.count)
         scales = [capped_ratio(g, ratio * _xla.computed_once(f, one)) for g, f in zip(grad_norms, floors)]
         clipped = [apply(x, s) for x, s in zip(grad_leaves, scales)]
@@ -623,6 +644,6 @@ def adaptive_grad_clip(
                 "clipped": spread(jnp.stack(fractions), size, slots.present) if largest else jnp.full((size,), jnp.nan),
             }
         new_stats = _per_leaf_stats(name, stats, basic, per_leaf, recorded_names(state.stats, name, stats))
-        return slots.rebuilt(clipped), ClipState(optax.safe_int32_increment(state.count), (), new_stats)
+        return slots.rebuilt(clipped), ClipState(next_count(state.count), (), new_stats)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

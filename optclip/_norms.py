@@ -103,7 +103,8 @@ def binary_exponent(x: Array) -> Array:
 
 def accumulation_dtype(dtype: Any) -> np.dtype:
     """The real dtype norms of ``dtype`` entries accumulate in: at least float32 (float64 stays float64)."""
-    return jnp.promote_types(jnp.finfo(dtype).dtype, jnp.float32)
+    real: np.dtype = jnp.finfo(dtype).dtype  # type: ignore[no-untyped-call]  # ml_dtypes' finfo has no stubs
+    return jnp.promote_types(real, jnp.float32)
 
 
 def magnitude(x: Array) -> Array:
@@ -235,7 +236,7 @@ def _rescued_power_sums_jvp(
             out.append(jnp.sum(slope * t, axis=_reduced_dims(x.ndim, a), keepdims=True))
         return out if per_array else [flat_values(out)]
 
-    no_tangent = np.zeros((), jax.dtypes.float0)
+    no_tangent: Any = np.zeros((), jax.dtypes.float0)  # integer and boolean outputs have float0 tangents
     return sums, PowerSums(slopes(jnp.float32(1)), slopes(pow2(-sums.exponent)), no_tangent, no_tangent)
 
 
@@ -315,7 +316,7 @@ def combine(parts: NormParts, ord: float, axis: int | None = None) -> NormParts:
         return NormParts(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32))
     usable = jnp.isfinite(mantissa) & (mantissa > 0)
     binary = jnp.frexp(jax.lax.stop_gradient(jnp.where(usable, mantissa, 1.0)))[1] + exponent
-    lowest = jnp.iinfo(jnp.int32).min
+    lowest = int(np.iinfo(np.int32).min)
     top = jnp.max(jnp.where(usable, binary, lowest), axis=axis, keepdims=True, initial=lowest)
     top = jnp.where(jnp.any(usable, axis=axis, keepdims=True), top, 0)
     relative = times_pow2(mantissa, exponent - top)  # each in [0, 1]
@@ -404,8 +405,9 @@ class LeafNorms:
         """The record of ``leaves`` if this one measured each of them (same object, same ord), else ``None``."""
         if ord != self.ord:
             return None
-        picks = [self._index.get(id(x)) for x in leaves]
-        if any(i is None or self.leaves[i] is not x for i, x in zip(picks, leaves)):
+        found_at = [self._index.get(id(x)) for x in leaves]
+        picks = [i for i in found_at if i is not None]
+        if len(picks) != len(leaves) or any(self.leaves[i] is not x for i, x in zip(picks, leaves)):
             return None
         if picks == list(range(len(self.leaves))):
             return self

@@ -67,14 +67,14 @@ class Constant:
 
     value: Any
 
-    def init(self) -> tuple:
+    def init(self) -> tuple[()]:
         return ()
 
-    def update(self, norm: Array, state: tuple, count: Array) -> tuple[Array, tuple]:
+    def update(self, norm: Array, state: tuple[()], count: Array) -> tuple[Array, tuple[()]]:
         del norm, count
         return jnp.asarray(self.value, jnp.float32), state
 
-    def stats(self, state: tuple) -> dict[str, Array]:
+    def stats(self, state: tuple[()]) -> dict[str, Array]:
         return {}
 
 
@@ -86,14 +86,14 @@ class FromSchedule:
 
     schedule: Schedule
 
-    def init(self) -> tuple:
+    def init(self) -> tuple[()]:
         return ()
 
-    def update(self, norm: Array, state: tuple, count: Array) -> tuple[Array, tuple]:
+    def update(self, norm: Array, state: tuple[()], count: Array) -> tuple[Array, tuple[()]]:
         del norm
         return jnp.asarray(self.schedule(count), jnp.float32), state
 
-    def stats(self, state: tuple) -> dict[str, Array]:
+    def stats(self, state: tuple[()]) -> dict[str, Array]:
         return {}
 
 
@@ -162,7 +162,8 @@ def as_rule(threshold: Any, arg: str, scope: str = "global", *, stateful: bool |
                 f"{arg} must be {what} here: the {scope} scope cannot take the rule {threshold!r} of type "
                 f"{type(threshold).__name__} ({why}; global and leaf clips take every rule)"
             )
-        return threshold
+        rule: ThresholdRule = threshold
+        return rule
     if callable(threshold):
         return FromSchedule(threshold)
     check_non_negative(threshold, arg)

@@ -43,14 +43,14 @@ class PerLeaf:
         self.values = values
         self.names = tuple(names)
 
-    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], tuple[str, ...]]:
+    def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], tuple[str | None, ...]]:
         return [(jax.tree_util.GetAttrKey("values"), self.values)], self.names
 
-    def tree_flatten(self) -> tuple[list[Any], tuple[str, ...]]:
+    def tree_flatten(self) -> tuple[list[Any], tuple[str | None, ...]]:
         return [self.values], self.names
 
     @classmethod
-    def tree_unflatten(cls, names: tuple[str, ...], children: Sequence[Any]) -> PerLeaf:
+    def tree_unflatten(cls, names: tuple[str | None, ...], children: Sequence[Any]) -> PerLeaf:
         return cls(children[0], names)
 
     def __repr__(self) -> str:
@@ -88,8 +88,7 @@ class Culprit:
 
     Example:
       >>> import numpy as np, optclip
-      >>> from optclip._stats import Culprit
-      >>> culprit = Culprit(np.int32(1), ("encoder/kernel", "decoder/kernel"))
+      >>> culprit = optclip.Culprit(np.int32(1), ("encoder/kernel", "decoder/kernel"))
       >>> int(culprit), culprit.path
       (1, 'decoder/kernel')
     """

@@ -100,4 +100,7 @@ def rare_second_pass(
         needed, exponent = plan(first)
         return first, [jnp.where(exponent == candidates[0], h, lo) for h, lo in zip(high, low)], exponent, needed
 
-    return jax.lax.platform_dependent(cpu=in_a_loop, tpu=in_a_loop, default=in_one_read)
+    chosen: tuple[list[Array], list[Array], Array, Array] = jax.lax.platform_dependent(
+        cpu=in_a_loop, tpu=in_a_loop, default=in_one_read
+    )
+    return chosen
