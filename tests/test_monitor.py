@@ -401,6 +401,25 @@ def test_a_monitor_beside_a_clip_adds_no_reduction_over_the_gradients():
     assert _reductions_over_leaves(after) == 2 * clip
 
 
+def test_inside_the_guards_the_whole_stack_reads_the_gradients_once():
+    """The guards measure and hand their measurement down; the monitor and the clip inside take it."""
+    alone = _reductions_over_leaves(optclip.skip_nonfinite(optax.adam(1e-3)))
+    stack = optclip.skip_on_spike(
+        optclip.skip_nonfinite(optax.chain(optclip.monitor(), optclip.clip_by_global_norm(1.0), optax.adam(1e-3)))
+    )
+    assert alone >= 4 and _reductions_over_leaves(stack) == alone
+
+
+def test_a_guards_culprit_is_reported_as_the_parameter_path():
+    tx = optclip.skip_nonfinite(optax.chain(optclip.monitor(), optax.sgd(0.1)))
+    params = {"encoder": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)}}
+    grads = {"encoder": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.array([1.0, jnp.nan])}}
+    step = jax.jit(lambda g, s: optclip.stats(tx.update(g, s, params)[1]))
+    assert optclip.host_stats(step(grads, tx.init(params)))["skip_nonfinite/culprit"] == "head/kernel"
+    clean = jax.tree.map(jnp.ones_like, grads)
+    assert optclip.host_stats(step(clean, tx.init(params)))["skip_nonfinite/culprit"] is None
+
+
 def test_a_measurement_handed_down_is_reused_not_repeated():
     grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([1.0])}
     leaves = jax.tree.leaves(grads)
