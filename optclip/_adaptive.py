@@ -521,7 +521,7 @@ def ema(factor: float = 1.05, decay: float = 0.98, warmup: int = 100, warmup_max
 
 
 class QuantileState(NamedTuple):
-    """The current clip norm C and the fraction of norms at or below it at the last update."""
+    """The current clip norm C and the fraction of norms at or below it at the last update (noised when private)."""
 
     clip: Array
     fraction_below: Array
@@ -545,16 +545,55 @@ class Quantile:
     def init(self) -> QuantileState:
         return QuantileState(jnp.array(self.initial, jnp.float32), jnp.float32(0))  # a copy, never the caller's
 
+    def _moved(self, clip: Array, fraction: Array) -> Array:
+        """``C exp(-eta (b - gamma))``, floored at the smallest normal float: C = 0 would be absorbing
+        (0 * exp(.) = 0) after a run of zeros."""
+        step = -jnp.asarray(self.learning_rate, jnp.float32) * (fraction - jnp.asarray(self.target, jnp.float32))
+        return jnp.maximum(clip * jnp.exp(step), jnp.finfo(jnp.float32).tiny)
+
     def update(self, norm: Array, state: QuantileState, count: Array) -> tuple[Array, QuantileState]:
         del count
         norms = jnp.asarray(norm, jnp.float32)
         finite = jnp.isfinite(norms)
         seen = jnp.sum(finite, dtype=jnp.float32)
         below = jnp.sum(finite & (norms <= state.clip), dtype=jnp.float32) / jnp.maximum(seen, 1.0)
-        step = -jnp.asarray(self.learning_rate, jnp.float32) * (below - jnp.asarray(self.target, jnp.float32))
-        # Floored at the smallest normal float: C = 0 would be absorbing (0 * exp(.) = 0) after a run of zeros.
-        clip = jnp.maximum(state.clip * jnp.exp(step), jnp.finfo(jnp.float32).tiny)
-        return state.clip, _keep_if(seen > 0, QuantileState(clip, below), state)
+        return state.clip, _keep_if(seen > 0, QuantileState(self._moved(state.clip, below), below), state)
+
+    def private_update(
+        self, norms: Array, state: QuantileState, key: Array, count_stddev: Array | float
+    ) -> tuple[Array, QuantileState]:
+        r"""The update of Andrew et al.'s Algorithm 1: the count of norms at or below :math:`C` is noised.
+
+        .. math:: \tilde b = \frac{1}{2} + \frac{1}{B}\Big(\sum_{i=1}^{B}\big([\|g_i\| \le C] - \tfrac{1}{2}\big)
+                  + \mathcal{N}(0, \sigma_b^2)\Big), \qquad C \leftarrow C \exp\big(-\eta(\operatorname{clip}(
+                  \tilde b, 0, 1) - \gamma)\big)
+
+        ``norms`` is the vector of the :math:`B` per-example norms (``B`` its length, a public constant: the
+        batch size), ``key`` a PRNG key for the noise and ``count_stddev`` :math:`\sigma_b`. With the batch size
+        fixed, :math:`\tilde b = (\sum_i [\|g_i\| \le C] + \mathcal{N}(0, \sigma_b^2)) / B`; the centred count is
+        the form whose sensitivity is 1/2 when an example is added or removed, as in TF Privacy's
+        ``QuantileEstimatorQuery``, so the count is a Gaussian mechanism with noise multiplier
+        :math:`2\sigma_b`. A non-finite norm counts as not below :math:`C`, and the state always moves (whether
+        it moves must not depend on the data). The noisy fraction is clipped to [0, 1] (post-processing, as in
+        TF Privacy) and recorded as ``fraction_below``.
+
+        Returns:
+          ``(C, new_state)``: the threshold for this batch and the state for the next one.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, optclip
+          >>> rule = optclip.quantile(target=0.5, learning_rate=0.2, initial=1.0)
+          >>> norms = jnp.array([0.5, 0.8, 2.0, jnp.nan])  # 2 of 4 at or below C = 1; NaN is not
+          >>> threshold, state = rule.private_update(norms, rule.init(), jax.random.PRNGKey(0), 0.2)
+          >>> print(float(threshold), round(float(state.fraction_below), 4))  # (2 + N(0, 0.2^2)) / 4
+          1.0 0.5811
+        """
+        norms = jnp.asarray(norms, jnp.float32).reshape(-1)
+        batch = norms.shape[0]
+        centred = jnp.sum(jnp.where(norms <= state.clip, 0.5, -0.5), dtype=jnp.float32)  # NaN <= C is False
+        noise = jnp.asarray(count_stddev, jnp.float32) * jax.random.normal(key, (), jnp.float32)
+        fraction = jnp.clip(0.5 + (centred + noise) / batch, 0.0, 1.0)
+        return state.clip, QuantileState(self._moved(state.clip, fraction), fraction)
 
     def stats(self, state: QuantileState) -> dict[str, Array]:
         return {"fraction_below": state.fraction_below}
@@ -567,8 +606,8 @@ def quantile(target: float = 0.5, learning_rate: float = 0.2, initial: float = 1
               b_t = \frac{1}{n}\sum_{i=1}^{n} [\|g_{t,i}\| \le c_t]
 
     with :math:`\gamma` = ``target`` and :math:`\eta` = ``learning_rate`` (Andrew et al. 2021, "Differentially
-    Private Learning with Adaptive Clipping", arXiv:1905.03871; the non-private form, without noise on
-    :math:`b_t`). Step :math:`t` is clipped to :math:`c_t`, then :math:`c` moves.
+    Private Learning with Adaptive Clipping", arXiv:1905.03871). Step :math:`t` is clipped to :math:`c_t`, then
+    :math:`c` moves.
 
     ``update`` takes a scalar norm (what the norm clips pass; :math:`b_t \in \{0, 1\}`, so :math:`c` settles
     around the norms and clips about a fraction :math:`1 - \gamma` of the steps) or a vector of norms, e.g. the
@@ -577,14 +616,20 @@ def quantile(target: float = 0.5, learning_rate: float = 0.2, initial: float = 1
     :math:`b_t`; if none is finite the state stays as it was. :math:`c` never goes below the smallest normal
     float32, so it can recover after a run of zero norms.
 
+    That exact :math:`b_t` is the non-private form. ``optclip.clip_per_example(quantile(), noise_multiplier=z)``
+    with :math:`z > 0` uses the private one instead (``Quantile.private_update``, the paper's Algorithm 1): the count
+    of examples at or below :math:`c_t` gets Gaussian noise of its own, :math:`b_t` divides by the batch size, and
+    the noise on the gradient sum is raised so that both together cost the privacy of a fixed threshold with
+    multiplier :math:`z` (see ``clip_per_example``).
+
     Args:
       target: the quantile :math:`\gamma` to track, in [0, 1].
       learning_rate: :math:`\eta \ge 0`.
       initial: :math:`c_0 > 0`.
 
     Returns:
-      A threshold rule for any norm clip; it adds ``fraction_below`` (:math:`b_t` of the last update) to
-      ``optclip.stats``.
+      A threshold rule for any norm clip; it adds ``fraction_below`` (:math:`b_t` of the last update, noised in the
+      private form) to ``optclip.stats``.
 
     Example:
       >>> import jax.numpy as jnp, optclip
