@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -81,8 +82,8 @@ def adagc(
       >>> state = tx.init({"a": jnp.zeros(1), "b": jnp.zeros(1)})
       >>> _, state = tx.update({"a": jnp.array([3.0]), "b": jnp.array([4.0])}, state)  # global clip to 1
       >>> updates, state = tx.update({"a": jnp.array([30.0]), "b": jnp.array([4.0])}, state)
-      >>> print(round(float(updates["a"][0]), 4), round(float(updates["b"][0]), 4))  # gamma_a = 0.6 after the clip
-      0.63 4.0
+      >>> print(round(float(updates["a"][0]), 4), round(float(updates["b"][0]), 4))  # gammas 0.6, 0.8 after the clip
+      0.63 0.84
     """
     rule = EMA(factor, decay, warmup, warmup_max_norm)
     if stats == "full":
@@ -105,7 +106,8 @@ def adagc(
 
         parts, whole = norms_for_ord(ord, measure)
         size = len(slots.values)
-        warming = jnp.max(state.rule_state.seen, initial=0) < jnp.asarray(warmup)
+        # The global warm-up lasts while any tensor's rule is in its warm-up: they all count the same finite steps.
+        warming = jnp.any(jax.vmap(rule.in_warmup)(state.rule_state)) if size else jnp.bool_(False)
         global_scale = capped_ratio(whole, cap)
         # During warm-up the rule sees each tensor's norm after the global clip, or NaN for all on a non-finite step.
         seen_norm = jnp.where(warming, jnp.where(jnp.isfinite(whole.value()), global_scale.value, jnp.nan), 1.0)

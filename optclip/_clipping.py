@@ -340,7 +340,7 @@ def clip_by_leaf_norm(
       >>> print(optclip.stats(state)["clip_by_leaf_norm/clipped"])
       0.5
     """
-    rule = as_rule(max_norm, "max_norm")
+    rule = as_rule(max_norm, "max_norm", "leaf")
     check_ord(ord)
     check_level(stats)
     check_name(name)
@@ -587,7 +587,7 @@ def adaptive_grad_clip(
       [[0.1  0.01]
        [0.1  0.01]]
     """
-    rule = as_rule(clipping, "clipping", stateful=False)
+    rule = as_rule(clipping, "clipping", "unit")
     check_non_negative(eps, "eps")
     check_level(stats)
     check_name(name)
