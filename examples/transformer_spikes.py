@@ -21,11 +21,12 @@ skipped; and the time of a training step relative to no clipping, measured in on
 interleaved in shuffled rounds so that the machine's load hits them alike. With ``--sweep`` it runs the
 learning-rate sweep instead (``--sweep-lr``, ``--sweep-methods``) from which the default --lr was chosen.
 
-Per-layer gradient norms (embedding, each block, head) are computed in the training step by
-``layer_grad_norms``, outside the optimizer, so that every method logs the same thing at the same cost. With
-``--monitor`` the chain also starts with ``optclip.monitor()``, which logs each layer's norm from inside the
-optimizer as ``monitor/norm/<layer>``, sharing the clip's measurement; ``--tensorboard DIR`` writes every step's
-statistics as TensorBoard scalars.
+Per-layer gradient norms: every method's chain starts with ``optclip.monitor()`` (``--monitor`` is always on here;
+inside the guards), which records each layer's gradient norm as ``monitor/norm/<layer>``, sharing the clip's
+measurement; the figure draws those. The script's ``layer_grad_norms`` measures them too, outside the optimizer,
+as ``layer_norm/<layer>``, alike for every method: on a step the guards skip, the monitor inside them keeps its
+last values, and ``layer_norm`` has the skipped step's. ``--tensorboard DIR`` writes every step's statistics as
+TensorBoard scalars.
 
 Outputs in --out: steps.jsonl (every step of every run: loss, gradient norm, the clip's and guards' statistics,
 the per-layer gradient norms), runs.jsonl (one line per run), summary.md (the tables) and transformer.png (loss and
@@ -170,6 +171,17 @@ def layer_of(path: Sequence[Any]) -> str:
     return "embed" if keys[0] in ("embed", "position") else "head"
 
 
+def layer_depth(name: str) -> tuple[int, int, str]:
+    """Where a layer sits from input to output, for the figure's order: the embeddings, the blocks by index, then
+    the final norm and the head; for the script's names (``block0``) and the monitor's (``blocks/0``) alike."""
+    index = name.removeprefix("blocks/").removeprefix("block")
+    if index.isdigit():
+        return (1, int(index), "")
+    if name in ("embed", "position"):
+        return (0, 0, name)
+    return (2, name == "head", name)
+
+
 def layer_grad_norms(grads: Any) -> dict[str, jax.Array]:
     """The 2-norm of the raw gradient of each layer (``layer_of``), as ``layer_norm/<layer>``. Computed here, in
     the jitted step and outside the optimizer, so that every method's runs log it alike (``--monitor`` adds
@@ -256,9 +268,11 @@ class LayerCurve(_common.Curve):
 
     def add(self, record: dict[str, Any]) -> None:
         super().add(record)
+        # optclip.monitor's per-layer norms (``monitor/norm/<layer>``) where the chain has it, else the script's own.
+        prefix = "monitor/norm/" if any(key.startswith("monitor/norm/") for key in record) else "layer_norm/"
         for key, value in record.items():
-            if key.startswith("layer_norm/"):
-                self.layers.setdefault(key.split("/", 1)[1], []).append(value)
+            if key.startswith(prefix):
+                self.layers.setdefault(key[len(prefix) :], []).append(value)
         # A clip whose own norm is the global one (global, zclip, autoclip; not adagc's per-tensor largest norm).
         global_clip = record["threshold"] is not None and math.isclose(
             record["norm"], record["grad_norm"], rel_tol=1e-4
@@ -389,7 +403,7 @@ def plot_layers(
         loss_ax.set_title(f"{method}: loss", fontsize=10)
         loss_ax.legend(fontsize=8)
         # Input side to output side, dark to light.
-        layers = sorted(curve.layers, key=lambda name: (name != "embed", name == "head", name))
+        layers = sorted(curve.layers, key=layer_depth)
         colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(layers)))
         for layer, color in zip(layers, colors):
             norm_ax.plot(steps, np.asarray(curve.layers[layer], float), lw=0.7, color=color, label=layer)
@@ -453,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timing-rounds", type=int, default=30, help="interleaved rounds of the step-time phase")
     parser.add_argument("--timing-steps", type=int, default=5, help="steps of each method per timing round")
     _common.add_common_args(parser, script="transformer_spikes", methods=DEFAULT_METHODS)
+    # Each method runs with optclip.monitor() first in its chain, as issue 15 asks: the figure's per-layer norms.
+    parser.set_defaults(monitor=True)
     return parser
 
 

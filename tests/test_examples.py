@@ -210,6 +210,37 @@ def test_transformer_optimal_loss_is_the_entropy_of_the_generator():
     assert language.optimal_loss(tokens) == pytest.approx(expected, rel=1e-12)
 
 
+def test_the_figure_reads_the_monitors_per_layer_norms_in_depth_order():
+    record = {"loss": 2.0, "grad_norm": 3.0, "norm": 3.0, "threshold": None, "monitor/norm": 3.0}
+    record |= {
+        "monitor/norm/head": 1.0,
+        "monitor/norm/blocks/1": 2.0,
+        "monitor/norm/embed": 2.0,
+        "layer_norm/head": 9.0,
+    }
+    curve = transformer_spikes.LayerCurve()
+    curve.add(record)
+    assert curve.layers == {"head": [1.0], "blocks/1": [2.0], "embed": [2.0]}  # the monitor's, not layer_norm's
+    curve = transformer_spikes.LayerCurve()
+    curve.add({"loss": 2.0, "grad_norm": 3.0, "norm": 3.0, "threshold": None, "layer_norm/block0": 1.0})
+    assert curve.layers == {"block0": [1.0]}  # no monitor in the chain: the script's own
+    names = ["head", "blocks/10", "norm", "blocks/2", "position", "embed"]
+    assert sorted(names, key=transformer_spikes.layer_depth) == [
+        "embed",
+        "position",
+        "blocks/2",
+        "blocks/10",
+        "norm",
+        "head",
+    ]
+    assert sorted(["head", "block1", "embed", "block0"], key=transformer_spikes.layer_depth) == [
+        "embed",
+        "block0",
+        "block1",
+        "head",
+    ]
+
+
 def test_spikes_are_runs_of_steps_above_the_running_median():
     losses = [2.0] * 20 + [3.5, 3.6] + [2.0] * 10 + [2.9] + [2.0] * 5 + [3.1]
     assert transformer_spikes.count_spikes(losses, factor=1.5, window=10) == 2  # 2.9 is below 1.5 x 2.0
@@ -394,7 +425,8 @@ def test_transformer_spikes_end_to_end(tmp_path):
     rows = result["tables"]["methods"]
     assert [row[0] for row in rows] == ["none", "global", "guards"]
     assert rows[0][-1].startswith("1 (1-1)")  # no clipping against itself, round by round
-    layers = {"layer_norm/embed", "layer_norm/block0", "layer_norm/head"}
+    # optclip.monitor() comes first in every method's chain here: its per-layer norms, and the script's own.
+    layers = {"layer_norm/embed", "layer_norm/block0", "layer_norm/head", "monitor/norm/embed", "monitor/norm/blocks/0"}
     for record in steps:
         assert record.keys() >= layers
         if "-global-" in record["run"]:  # the clip's statistics, unprefixed, as in the other scripts
