@@ -21,10 +21,10 @@ import optax
 
 from optclip import _norms
 from optclip._adaptive import Quantile
-from optclip._clipping import Scale, Threshold, capped_ratio, check_float_leaves
+from optclip._clipping import Scale, Slots, Threshold, capped_ratio, check_float_leaves
 from optclip._norms import NormParts
 from optclip._rules import Constant, FromSchedule, as_rule, non_negative
-from optclip._stats import ClipStats, make_stats
+from optclip._stats import ClipStats, absent, make_stats
 from optclip._validation import check_name, check_non_negative, concrete_float
 
 Array = jax.Array
@@ -89,40 +89,47 @@ def _example_norm_parts(leaves: Sequence[Array]) -> NormParts:
     return _norms.combine(stacked, 2, axis=0)
 
 
-def _check_batched(leaves: Sequence[Array], paths: Sequence[str], params: Any, updates: Any, name: str) -> int:
-    """The batch size shared by every leaf; ``ValueError`` (at trace time) naming the leaf that does not fit."""
-    for path, x in zip(paths, leaves):
+def _check_batched(slots: Slots, paths: Sequence[str], params: Any, updates: Any, name: str) -> int:
+    """The batch size shared by every present gradient leaf; ``ValueError`` (at trace time) naming the leaf that
+    does not fit. A ``None`` or ``optax.MaskedNode`` gradient (a frozen or masked-out parameter) has no batch axis
+    and passes through."""
+    present = slots.present
+    leaves = [slots.values[i] for i in present]
+    named = [paths[i] for i in present]
+    for path, x in zip(named, leaves):
         if x.ndim == 0:
             raise ValueError(
                 f"{name}: gradient leaf {path} is a scalar; per-example gradients need a leading batch axis"
             )
     batch = leaves[0].shape[0]
-    for path, x in zip(paths, leaves):
+    for path, x in zip(named, leaves):
         if x.shape[0] != batch:
             raise ValueError(
-                f"{name}: gradient leaf {path} has batch size {x.shape[0]} (shape {x.shape}) but leaf {paths[0]} has "
+                f"{name}: gradient leaf {path} has batch size {x.shape[0]} (shape {x.shape}) but leaf {named[0]} has "
                 f"{batch}; every leaf needs the same leading batch axis"
             )
     if batch == 0:
-        raise ValueError(f"{name}: the batch is empty (leaf {paths[0]} has shape {leaves[0].shape})")
+        raise ValueError(f"{name}: the batch is empty (leaf {named[0]} has shape {leaves[0].shape})")
     if params is not None:
-        if jax.tree.structure(params) != jax.tree.structure(updates):
+        if jax.tree.structure(params, is_leaf=absent) != slots.treedef:
             raise ValueError(
                 f"{name}: the gradients and params are different trees: {jax.tree.structure(updates)} vs "
                 f"{jax.tree.structure(params)}"
             )
-        for path, x, p in zip(paths, leaves, jax.tree.leaves(params)):
-            if tuple(x.shape) == tuple(jnp.shape(p)):
+        param_slots = jax.tree.leaves(params, is_leaf=absent)
+        for path, x, p in zip(named, leaves, [param_slots[i] for i in present]):
+            shape = None if absent(p) else tuple(jnp.shape(p))
+            if tuple(x.shape) == shape:
                 raise ValueError(
                     f"{name}: gradient leaf {path} has its parameter's own shape {x.shape}, with no batch axis: pass "
                     f"per-example gradients (jax.vmap(jax.grad(...))). Inside optax.MultiSteps, which hands its inner "
                     f"transform gradients of the parameters' shapes, clip_per_example cannot work: chain it first, "
                     f"optax.chain(clip_per_example(...), optax.MultiSteps(optimizer, k))"
                 )
-            if tuple(x.shape[1:]) != tuple(jnp.shape(p)):
+            if tuple(x.shape[1:]) != shape:
                 raise ValueError(
-                    f"{name}: gradient leaf {path} has shape {x.shape}, which is not (batch, *{jnp.shape(p)}) for "
-                    f"its parameter; pass per-example gradients with the batch axis first (jax.vmap(jax.grad(...)))"
+                    f"{name}: gradient leaf {path} has shape {x.shape}, which is not (batch, *{shape}) for its "
+                    f"parameter; pass per-example gradients with the batch axis first (jax.vmap(jax.grad(...)))"
                 )
     return batch
 
@@ -372,11 +379,13 @@ def clip_per_example(
 
     def update_fn(updates, state, params=None):
         check_float_leaves(updates, name)
-        leaves, treedef = jax.tree.flatten(updates)
+        slots = Slots.of(updates)
+        leaves = [slots.values[i] for i in slots.present]
         if not leaves:
             return updates, state
-        paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
-        batch = _check_batched(leaves, paths, params, updates, name)
+        with_paths = jax.tree_util.tree_flatten_with_path(updates, is_leaf=absent)[0]
+        paths = [jax.tree_util.keystr(p) or "<root>" for p, _ in with_paths]
+        batch = _check_batched(slots, paths, params, updates, name)
         flat = mode == "flat"
         measured = _measure_flat(leaves) if flat else _measure_per_leaf(leaves, _leaf_weights(leaves, mode))
         finite = measured.finite
@@ -419,6 +428,6 @@ def clip_per_example(
             **rule.stats(rule_state),
         }
         new_state = PerExampleState(optax.safe_int32_increment(state.count), rule_state, key, make_stats(name, metrics))
-        return jax.tree.unflatten(treedef, means), new_state
+        return slots.rebuilt(means), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -460,6 +460,17 @@ def test_quantile_state_keeps_its_shapes_and_dtypes_step_after_step(mode, noise)
         assert len(set(clips)) == 4, name  # the threshold moved every step
 
 
+def test_a_frozen_parameter_has_no_gradient_and_passes_through():
+    params = {"a": jnp.zeros(2), "frozen": jnp.zeros(3), "masked": optax.MaskedNode()}
+    grads = {"a": jnp.array([[3.0, 4.0], [0.3, 0.4]]), "frozen": None, "masked": optax.MaskedNode()}
+    tx = optclip.clip_per_example(1.0)
+    update, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert update["frozen"] is None and isinstance(update["masked"], optax.MaskedNode)
+    np.testing.assert_allclose(update["a"], [0.45, 0.6], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\['frozen'\] has shape \(2, 2\), which is not \(batch, \*\(3,\)\)"):
+        jax.jit(tx.update)({**grads, "frozen": jnp.ones((2, 2))}, tx.init(params), params)
+
+
 def test_inside_multisteps_it_is_refused_with_a_pointer_to_the_chain_that_works():
     tx = optax.MultiSteps(optclip.clip_per_example(optclip.quantile()), every_k_schedule=2)
     params = {"w": jnp.zeros(3)}
