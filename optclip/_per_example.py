@@ -101,15 +101,6 @@ def _check_batched(slots: Slots, paths: Sequence[str], params: Any, updates: Any
             raise ValueError(
                 f"{name}: gradient leaf {path} is a scalar; per-example gradients need a leading batch axis"
             )
-    batch = leaves[0].shape[0]
-    for path, x in zip(named, leaves):
-        if x.shape[0] != batch:
-            raise ValueError(
-                f"{name}: gradient leaf {path} has batch size {x.shape[0]} (shape {x.shape}) but leaf {named[0]} has "
-                f"{batch}; every leaf needs the same leading batch axis"
-            )
-    if batch == 0:
-        raise ValueError(f"{name}: the batch is empty (leaf {named[0]} has shape {leaves[0].shape})")
     if params is not None:
         if jax.tree.structure(params, is_leaf=absent) != slots.treedef:
             raise ValueError(
@@ -131,6 +122,15 @@ def _check_batched(slots: Slots, paths: Sequence[str], params: Any, updates: Any
                     f"{name}: gradient leaf {path} has shape {x.shape}, which is not (batch, *{shape}) for its "
                     f"parameter; pass per-example gradients with the batch axis first (jax.vmap(jax.grad(...)))"
                 )
+    batch = leaves[0].shape[0]
+    for path, x in zip(named, leaves):
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"{name}: gradient leaf {path} has batch size {x.shape[0]} (shape {x.shape}) but leaf {named[0]} has "
+                f"{batch}; every leaf needs the same leading batch axis"
+            )
+    if batch == 0:
+        raise ValueError(f"{name}: the batch is empty (leaf {named[0]} has shape {leaves[0].shape})")
     return batch
 
 
