@@ -31,8 +31,7 @@ from flax import nnx
 import optclip
 
 # Each method maps the parsed CLI to a clip chained before the optimizer (None: no clipping), or to a guard wrapped
-# around it. An adaptive rule from optclip is one more line here; a method whose optclip function does not exist yet
-# (see ``_REQUIRES``) is simply not offered.
+# around it. An adaptive rule from optclip is one more line here.
 CLIPS: dict[str, Callable[[argparse.Namespace], optax.GradientTransformation | None]] = {
     "none": lambda args: None,
     "value": lambda args: optclip.clip_by_value(args.clip_value),
@@ -46,7 +45,6 @@ CLIPS: dict[str, Callable[[argparse.Namespace], optax.GradientTransformation | N
 GUARDS: dict[str, Callable[[optax.GradientTransformation], optax.GradientTransformation]] = {
     "guards": lambda tx: optclip.skip_on_spike(optclip.skip_nonfinite(tx)),
 }
-_REQUIRES = {"autoclip": "autoclip", "zclip": "zclip", "adagc": "adagc", "guards": "skip_on_spike"}
 
 # What the recurrent and MLP scripts compare unless --methods says otherwise: their published tables use these.
 CLASSIC_METHODS = ("none", "value", "leaf", "global", "agc", "autoclip", "zclip")
@@ -67,14 +65,14 @@ DESCRIPTIONS = {
 
 
 def available_methods() -> list[str]:
-    """The methods this optclip provides, in table order."""
-    return [name for name in (*CLIPS, *GUARDS) if name not in _REQUIRES or hasattr(optclip, _REQUIRES[name])]
+    """Every method, in table order."""
+    return [*CLIPS, *GUARDS]
 
 
 def make_clip(method: str, args: argparse.Namespace) -> optax.GradientTransformation | None:
     """The clip a method name stands for, with its threshold from the CLI; None for ``"none"``."""
-    if method not in available_methods() or method not in CLIPS:
-        raise ValueError(f"unknown or unavailable clip {method!r}; choose from {list(CLIPS)}")
+    if method not in CLIPS:
+        raise ValueError(f"unknown clip {method!r}; choose from {list(CLIPS)}")
     return CLIPS[method](args)
 
 
@@ -94,7 +92,7 @@ def make_transform(
     each layer's gradient norm as ``monitor/norm/<layer>`` and shares its measurement with the clip or the guard."""
     monitored = getattr(args, "monitor", False)
     first = [optclip.monitor(group=layer_of_path)] if monitored else []
-    if method in GUARDS and method in available_methods():
+    if method in GUARDS:
         return GUARDS[method](optax.chain(*first, optimizer) if first else optimizer)
     clip = make_clip(method, args)
     chained = [*first, *([] if clip is None else [clip]), optimizer]

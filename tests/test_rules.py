@@ -562,8 +562,8 @@ ADAGC_CASES = {
     "uncapped-nan-in-warmup": (1.05, 0.98, 4, None),
     "no-warmup": (1.05, 0.98, 0, 1.0),
 }
-# The adagc transform still feeds its rule the raw tensor norms during warm-up and counts every step: these fail until
-# it follows optclip.ema's contract (the cases without a warm-up clip or NaN step in it already agree).
+
+
 def _gradient_rows(rows, seed=0):
     """Per step, leaves of ``ADAGC_SHAPES`` in random directions scaled to the row's norms (NaN/inf: every entry)."""
     rng = np.random.default_rng(seed)
