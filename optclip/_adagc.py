@@ -117,13 +117,11 @@ def adagc(
         thresholds, rule_state = leafwise_rule_update(rule, norms * seen_norm, state.rule_state, state.count)
 
         one = _xla.runtime_one(state.count)
-        own = [_xla.computed_once(thresholds[i], one) for i in slots.present]
-        leaf_scales = [capped_ratio(p, t) for p, t in zip(parts, own)]
-        shared = computed_once(global_scale, one)
+        leaf_scales = [capped_ratio(p, thresholds[i]) for p, i in zip(parts, slots.present)]
         clipped = []
         for x, s in zip(leaves, leaf_scales):
-            chosen = Scale(*(jnp.where(warming, w, own) for w, own in zip(shared, s)))
-            clipped.append(apply(x, chosen))
+            chosen = Scale(*(jnp.where(warming, w, own) for w, own in zip(global_scale, s)))
+            clipped.append(apply(x, computed_once(chosen, one)))
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)

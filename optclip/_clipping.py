@@ -111,8 +111,8 @@ def apply(x: Array, scale: Scale) -> Array:
 
 
 def computed_once(scale: Scale, one: Array) -> Scale:
-    """``scale`` with its ratio computed once for all the kernels that read it (``_xla.computed_once``)."""
-    return Scale(_xla.computed_once(scale.factor, one), scale.exponent, scale.clipped)
+    """``scale`` computed once for all the kernels that read it (``_xla.computed_once``)."""
+    return Scale(_xla.computed_once(scale.factor, one), _xla.computed_once(scale.exponent, one), scale.clipped)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -382,8 +382,7 @@ def clip_by_leaf_norm(
         one = _xla.runtime_one(state.count)
         clipped = []
         for x, p, i in zip(leaves, parts, present):
-            own = _xla.computed_once(thresholds[i], one)  # a constant threshold folds back to the one scalar
-            clipped.append(apply(x, capped_ratio(p, own)))
+            clipped.append(apply(x, computed_once(capped_ratio(p, thresholds[i]), one)))
 
         # The statistics: the same formula once more, over the vector of leaves.
         scale = capped_ratio(measured, thresholds)
@@ -619,7 +618,7 @@ def adaptive_grad_clip(
         grad_norms, param_norms = both[: len(axes)], both[len(axes) :]
         floors = [jnp.maximum(p.value(), non_negative(jnp.asarray(eps))) for p in param_norms]
         one = _xla.runtime_one(state.count)
-        scales = [capped_ratio(g, ratio * _xla.computed_once(f, one)) for g, f in zip(grad_norms, floors)]
+        scales = [computed_once(capped_ratio(g, ratio * f), one) for g, f in zip(grad_norms, floors)]
         clipped = [apply(x, s) for x, s in zip(grad_leaves, scales)]
 
         # The statistics: the same formula once more, over the vector of every unit.

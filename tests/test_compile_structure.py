@@ -83,3 +83,24 @@ def test_the_norm_writes_no_leaf_sized_buffer(make):
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 0.01 * 4 * 1000 * 1000, temp
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optclip.clip_by_global_norm(1.0),
+        lambda: optclip.clip_by_leaf_norm(1.0),
+        lambda: optclip.adagc(),
+        lambda: optclip.adaptive_grad_clip(0.1),
+    ],
+    ids=["global", "leaf", "adagc", "agc"],
+)
+def test_the_scale_is_computed_once_not_per_entry(make):
+    # XLA copies the scale's cheap producers (the comparison with the threshold, the quotient, the exponent's bit
+    # arithmetic) into every kernel that reads it, to run once per entry of each leaf: the factor and the exponent
+    # are computed in kernels of their own (optclip/_xla.py, ``computed_once``). With SGD the leaf-shaped kernels do
+    # nothing but scale: no comparison, no division.
+    bodies = _leaf_kernel_bodies(optax.chain(make(), optax.sgd(1.0)), 3)
+    assert bodies, "no leaf-shaped kernel found: the HLO text format changed, update the pattern"
+    for body in bodies:
+        assert " compare(" not in body and " divide(" not in body, body
