@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optclip._clipping import clip_by_global_norm
+from optclip._clipping import clip_by_global_norm, next_count
 from optclip._validation import check_non_negative, concrete_float
 
 Array = jax.Array
@@ -147,8 +147,8 @@ class Percentile:
         top = jnp.maximum(fill - 1, 0)
         p = concrete_float(self.p)
         if p is not None:
-            lower, weight = _interpolation_table(p, self.history)
-            return jnp.asarray(lower)[top], jnp.asarray(weight)[top]
+            lower_table, weight_table = _interpolation_table(p, self.history)
+            return jnp.asarray(lower_table)[top], jnp.asarray(weight_table)[top]
         virtual = top.astype(jnp.float32) * (jnp.asarray(self.p, jnp.float32) / 100.0)  # an injected p
         lower = jnp.minimum(jnp.floor(virtual), top.astype(jnp.float32))
         return lower.astype(jnp.int32), virtual - lower
@@ -303,7 +303,7 @@ class ZScore:
             jnp.where(warming, warm_mean, ema_mean),
             jnp.where(warming, warm_std, ema_std),
             jnp.where(warming, 0.0, z),
-            optax.safe_int32_increment(state.seen),
+            next_count(state.seen),
         )
         return threshold, _keep_if(finite, new_state, state)
 
@@ -440,7 +440,7 @@ class EMA:
         # ``m + (1 - b) (x - m)`` that leaves m exactly unchanged when x == m.
         warm_gamma = jnp.where(clipped > 0, jnp.minimum(state.gamma, clipped), state.gamma)
         ema_gamma = jnp.where(unset, state.gamma, finite_base + (1.0 - decay) * (clipped - finite_base))
-        new_state = EMAState(jnp.where(warming, warm_gamma, ema_gamma), optax.safe_int32_increment(state.seen))
+        new_state = EMAState(jnp.where(warming, warm_gamma, ema_gamma), next_count(state.seen))
         return threshold, _keep_if(finite, new_state, state)
 
     def stats(self, state: EMAState) -> dict[str, Array]:
@@ -549,7 +549,8 @@ class Quantile:
         """``C exp(-eta (b - gamma))``, floored at the smallest normal float: C = 0 would be absorbing
         (0 * exp(.) = 0) after a run of zeros."""
         step = -jnp.asarray(self.learning_rate, jnp.float32) * (fraction - jnp.asarray(self.target, jnp.float32))
-        return jnp.maximum(clip * jnp.exp(step), jnp.finfo(jnp.float32).tiny)
+        tiny = jnp.finfo(jnp.float32).tiny  # type: ignore[no-untyped-call]  # ml_dtypes' finfo.__new__ is unannotated
+        return jnp.maximum(clip * jnp.exp(step), tiny)
 
     def update(self, norm: Array, state: QuantileState, count: Array) -> tuple[Array, QuantileState]:
         del count

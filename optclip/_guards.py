@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from optclip import _norms
+from optclip._clipping import next_count
 from optclip._stats import ClipStats, Culprit, PerLeaf, absent, check_level, make_stats, slot_names
 from optclip._validation import check_finite, check_name, concrete_float
 
@@ -59,7 +61,7 @@ class SkipState(NamedTuple):
     """State of ``skip_nonfinite``: the wrapped state, int32 counters, and the guard's statistics."""
 
     inner_state: Any
-    count: Array  # updates seen, skipped ones included: the "step" a raised error names
+    count: Array  # type: ignore[assignment]  # updates seen, skipped ones included: the "step" a raised error names
     consecutive: Array  # skipped steps in a row, up to now
     total_skipped: Array
     total_nonfinite: Array  # steps with a non-finite value, whatever the policy did with them
@@ -70,7 +72,7 @@ class Window(NamedTuple):
     """The last ``size`` values entered from one watched series, as a ring buffer, and the spike held back."""
 
     values: Array  # float32[size]; value number ``i`` (counting those entered) sits at ``i % size``
-    count: Array  # int32: values entered so far
+    count: Array  # type: ignore[assignment]  # int32: values entered so far
     held: Array  # float32: the last spike, entered only if the next value is a spike too
     holding: Array  # bool: ``held`` waits to be entered
     spiked: Array  # bool: the last finite value was a spike
@@ -87,7 +89,7 @@ class SpikeState(NamedTuple):
     """State of ``skip_on_spike``: the wrapped state, counters, one window per watched series, each leaf's level."""
 
     inner_state: Any
-    count: Array
+    count: Array  # type: ignore[assignment]  # a field named like tuple.count, as optax's own states have
     consecutive: Array
     total_skipped: Array
     norms: Window  # the global gradient norms
@@ -103,7 +105,9 @@ class SpikeState(NamedTuple):
 def _check_inner(inner: Any) -> optax.GradientTransformationExtraArgs:
     if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    return optax.with_extra_args_support(inner)
+    # optax exports with_extra_args_support (and documents it as optax.with_extra_args_support) but leaves it out
+    # of its __all__, so mypy's strict no-implicit-reexport does not see it.
+    return optax.with_extra_args_support(inner)  # type: ignore[attr-defined]
 
 
 def _check_count(value: Any, arg: str, *, minimum: int, allow_none: bool) -> None:
@@ -194,24 +198,36 @@ def _skip_or_run(skip: Array, run: Callable[[], T], hold: Callable[[], T]) -> T:
     ``test_a_donated_state_is_updated_in_place_not_copied``, ``test_guards_lowered_for_gpu_have_no_control_flow``.
     """
 
+    # lax.cond, tree.map and platform_dependent are annotated to return Any: each result has the branches' type.
     def branching() -> T:
-        return jax.lax.cond(~skip, run, hold)
+        taken: T = jax.lax.cond(~skip, run, hold)
+        return taken
 
     def selecting() -> T:
         ran, held = run(), hold()
-        return jax.tree.map(lambda r, h: jax.lax.select(jnp.broadcast_to(skip, r.shape), h, r), ran, held)
+        selected: T = jax.tree.map(lambda r, h: jax.lax.select(jnp.broadcast_to(skip, r.shape), h, r), ran, held)
+        return selected
 
-    return jax.lax.platform_dependent(cpu=branching, tpu=branching, default=selecting)
+    chosen: T = jax.lax.platform_dependent(cpu=branching, tpu=branching, default=selecting)
+    return chosen
 
 
-def _run_or_skip(skip: Array, inner, updates, inner_state, params, extra_args: dict[str, Any]) -> tuple[Any, Any]:
+def _run_or_skip(
+    skip: Array,
+    inner: optax.GradientTransformationExtraArgs,
+    updates: optax.Updates,
+    inner_state: optax.OptState,
+    params: optax.Params | None,
+    extra_args: dict[str, Any],
+) -> tuple[optax.Updates, optax.OptState]:
     """``inner``'s ``(updates, state)`` unless ``skip``; a skipped step gives zero updates and ``inner_state``, bit
     for bit (cast to the dtypes ``inner`` would give, so that both forms have one type)."""
 
-    def run():
+    def run() -> tuple[optax.Updates, optax.OptState]:
         return inner.update(updates, inner_state, params, **extra_args)
 
-    def held(shapes):
+    # shapes: run's output as trees of jax.ShapeDtypeStruct, which no optax alias describes.
+    def held(shapes: tuple[Any, Any]) -> tuple[optax.Updates, optax.OptState]:
         update_shapes, state_shapes = shapes
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), update_shapes)
         return zeros, jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), inner_state, state_shapes)
@@ -222,8 +238,11 @@ def _run_or_skip(skip: Array, inner, updates, inner_state, params, extra_args: d
     traced, shapes = jax.make_jaxpr(run, return_shape=True)()
     structure = jax.tree.structure(shapes)
 
-    def again():
-        return jax.tree.unflatten(structure, jax.core.eval_jaxpr(traced.jaxpr, traced.consts))
+    def again() -> tuple[optax.Updates, optax.OptState]:
+        replayed: tuple[optax.Updates, optax.OptState] = jax.tree.unflatten(
+            structure, jax.core.eval_jaxpr(traced.jaxpr, traced.consts)
+        )
+        return replayed
 
     return _skip_or_run(skip, again, lambda: held(shapes))
 
@@ -275,7 +294,7 @@ def _raise_nonfinite(
 ) -> None:
     """Raise eagerly when the values are concrete; under ``jax.jit`` raise from a host callback on bad steps only."""
 
-    def fail(step_value, culprit_value, bad_value, loss_value):
+    def fail(step_value: Array, culprit_value: Array, bad_value: Array, loss_value: Array) -> None:
         message = _nonfinite_message(name, int(step_value), int(culprit_value), int(bad_value), bool(loss_value), names)
         raise FloatingPointError(message)
 
@@ -378,7 +397,14 @@ def skip_nonfinite(
     check_level(stats)
     check_name(name)
 
-    def metrics(nonfinite, skipped, counters, total_nonfinite, culprit, leaf_norm):
+    def metrics(
+        nonfinite: ArrayLike,
+        skipped: ArrayLike,
+        counters: _Counters,
+        total_nonfinite: ArrayLike,
+        culprit: Culprit,
+        leaf_norm: PerLeaf,
+    ) -> ClipStats:
         basic = {
             "nonfinite": nonfinite,
             "skipped": skipped,
@@ -389,15 +415,20 @@ def skip_nonfinite(
         }
         return make_stats(name, {**basic, **({"leaf_norm": leaf_norm} if stats == "full" else {})}, stats)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> SkipState:
         names = slot_names(params)
         empty = jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0).astype(jnp.float32)
         # One buffer per counter: a state that shares one cannot be donated to a jitted step.
-        zeros = [_counter(0) for _ in range(4)]
-        record = metrics(0, 0, _Counters(0, 0), 0, Culprit(NO_CULPRIT, names), PerLeaf(empty, names))
-        return SkipState(inner.init(params), *zeros, record)
+        count, consecutive, total_skipped, total_nonfinite = [_counter(0) for _ in range(4)]
+        zeros = _Counters(_counter(0), _counter(0))
+        record = metrics(0, 0, zeros, 0, Culprit(NO_CULPRIT, names), PerLeaf(empty, names))
+        return SkipState(inner.init(params), count, consecutive, total_skipped, total_nonfinite, record)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, optax.OptState]:
+        # optax types every state as OptState; this update only ever receives the SkipState its init made.
+        state = cast(SkipState, state)
         names = _recorded_names(state.stats, name)
         leaves = _Leaves.of(updates, extra_args, names, name)
         per_leaf = leaves.record.flat()
@@ -418,7 +449,7 @@ def skip_nonfinite(
         names = () if names is None else names
         leaf_norm = PerLeaf(leaves.spread(per_leaf.value(), jnp.nan), names)
         record = metrics(nonfinite, skip, counters, total_nonfinite, Culprit(culprit, names), leaf_norm)
-        count = optax.safe_int32_increment(state.count)
+        count = next_count(state.count)
         new_state = SkipState(inner_state, count, *counters, total_nonfinite, record)
         return new_updates, new_state
 
@@ -441,7 +472,8 @@ class _Judged(NamedTuple):
 
 def _unwatched() -> _Judged:
     """What a series that is not watched (no loss passed) reports: zeros, never armed."""
-    return _Judged(*(jnp.zeros((), jnp.float32) for _ in range(4)), jnp.bool_(False))
+    mean, std, threshold, armed = (jnp.zeros((), jnp.float32) for _ in range(4))
+    return _Judged(mean, std, threshold, armed, jnp.bool_(False))
 
 
 def _window_moments(window: Window) -> tuple[Array, Array]:
@@ -617,11 +649,21 @@ def skip_on_spike(
     _check_count(max_consecutive, "max_consecutive", minimum=1, allow_none=True)
     check_level(stats)
     check_name(name)
-    k = jnp.asarray(k, jnp.float32)
-    std_floor = jnp.asarray(std_floor, jnp.float32)
+    k32 = jnp.asarray(k, jnp.float32)
+    std_floor32 = jnp.asarray(std_floor, jnp.float32)
     decay = 1.0 - 2.0 / (window + 1)
 
-    def metrics(skipped, counters, norm, norm_judged, loss, loss_judged, culprit, leaf_norm, leaf_level):
+    def metrics(
+        skipped: ArrayLike,
+        counters: _Counters,
+        norm: ArrayLike,
+        norm_judged: _Judged,
+        loss: ArrayLike,
+        loss_judged: _Judged,
+        culprit: Culprit,
+        leaf_norm: PerLeaf,
+        leaf_level: PerLeaf,
+    ) -> ClipStats:
         basic = {
             "skipped": skipped,
             "consecutive": counters.consecutive,
@@ -641,18 +683,22 @@ def skip_on_spike(
         full = {"leaf_norm": leaf_norm, "leaf_level": leaf_level} if stats == "full" else {}
         return make_stats(name, {**basic, **full}, stats)
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> SpikeState:
         names = slot_names(params)
         empty = jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0).astype(jnp.float32)
         nothing = _unwatched()
         leaf = PerLeaf(empty, names)
-        record = metrics(0, _Counters(0, 0), 0, nothing, 0, nothing, Culprit(NO_CULPRIT, names), leaf, leaf)
+        zeros = _Counters(_counter(0), _counter(0))
+        record = metrics(0, zeros, 0, nothing, 0, nothing, Culprit(NO_CULPRIT, names), leaf, leaf)
         # One buffer per counter: a state that shares one cannot be donated to a jitted step.
         norms, losses = _empty_window(window), _empty_window(window)
-        counters = [_counter(0) for _ in range(3)]
-        return SpikeState(inner.init(params), *counters, norms, losses, PerLeaf(empty, names), record)
+        count, consecutive, total_skipped = [_counter(0) for _ in range(3)]
+        leaf_level = PerLeaf(empty, names)
+        return SpikeState(inner.init(params), count, consecutive, total_skipped, norms, losses, leaf_level, record)
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(
+        updates: optax.Updates, state: SpikeState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, SpikeState]:
         names = state.leaf_level.names
         loss = _loss(extra_args)
         if loss is not None and loss.ndim != 0:
@@ -661,13 +707,13 @@ def skip_on_spike(
         per_leaf = leaves.record.flat().value()  # float32; inf beyond its range
         norm = leaves.record.total().value()
         norm_ok = jnp.isfinite(norm)
-        norm_judged = _judge(state.norms, norm, k, std_floor, warmup)
+        norm_judged = _judge(state.norms, norm, k32, std_floor32, warmup)
         spike = ~norm_ok | norm_judged.spike
         if loss is None:
             loss_value, loss_judged = jnp.zeros((), jnp.float32), _unwatched()
         else:
             loss_value = loss.astype(jnp.float32)
-            loss_judged = _judge(state.losses, loss_value, k, std_floor, warmup)
+            loss_judged = _judge(state.losses, loss_value, k32, std_floor32, warmup)
             spike = spike | ~jnp.isfinite(loss_value) | loss_judged.spike
         skip = spike & _may_skip(state.consecutive, max_consecutive)
         new_updates, inner_state = _run_or_skip(
@@ -705,8 +751,10 @@ def skip_on_spike(
             PerLeaf(leaves.spread(per_leaf, jnp.nan), names),
             PerLeaf(state.leaf_level.values, names),
         )
-        count = optax.safe_int32_increment(state.count)
+        count = next_count(state.count)
         new_state = SpikeState(inner_state, count, *counters, norms, losses, leaf_level, record)
         return new_updates, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # optax's OptState is chex.ArrayTree, which has no room for a registered pytree node such as the PerLeaf that
+    # SpikeState holds: a valid optax state that its init and update protocols, typed with OptState, refuse.
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ Group = int | Callable[[str], str | None] | None
 class MonitorState(NamedTuple):
     """State of ``monitor``: how many updates it has seen, and the statistics it kept."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # a field named like tuple.count, as optax's own states have
     stats: ClipStats
 
 
@@ -215,6 +215,7 @@ def monitor(
             param_parts = _norms.LeafNorms([param_slots[i] for i in slots.present], 2.0).flat()
             param = (_norms.combine(param_parts, 2.0).value(), _place(param_parts, layout, slots))
         new = record(layout, norm, _place(per_leaf, layout, slots), param)
+        # jax annotates tree.structure as returning tree_util.PyTreeDef, a name mypy cannot resolve, so == on it fails.
         same_structure = jax.tree.structure(new) == jax.tree.structure(state.stats)  # type: ignore[operator]
         if not same_structure:
             raise ValueError(

@@ -11,8 +11,8 @@ The clipped sum of a leaf is a contraction of the per-example scales with the le
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import optax
 
 from optclip import _norms
 from optclip._adaptive import Quantile
-from optclip._clipping import Scale, Slots, Threshold, capped_ratio, check_float_leaves
+from optclip._clipping import Scale, Slots, Threshold, capped_ratio, check_float_leaves, next_count
 from optclip._norms import NormParts
 from optclip._rules import Constant, FromSchedule, as_rule, non_negative
 from optclip._stats import ClipStats, absent, make_stats
@@ -41,7 +41,7 @@ COUNT_STDDEV_PER_EXAMPLE = 1 / 20
 class PerExampleState(NamedTuple):
     """State of ``clip_per_example``: update count, threshold rule state, the noise PRNG key, the statistics."""
 
-    count: Array
+    count: Array  # type: ignore[assignment]  # a field named like tuple.count, as optax's own states have
     rule_state: Any
     key: Array  # a raw uint32[2] key (``jax.random.PRNGKey``): plain data for checkpoints and sharding
     stats: ClipStats
@@ -94,7 +94,7 @@ def _check_batched(slots: Slots, paths: Sequence[str], params: Any, updates: Any
     does not fit. A ``None`` or ``optax.MaskedNode`` gradient (a frozen or masked-out parameter) has no batch axis
     and passes through."""
     present = slots.present
-    leaves = [slots.values[i] for i in present]
+    leaves: list[Array] = [slots.values[i] for i in present]
     named = [paths[i] for i in present]
     for path, x in zip(named, leaves):
         if x.ndim == 0:
@@ -148,13 +148,14 @@ class _Measured(NamedTuple):
     finite: Array  # bool: the example has no NaN or Inf
     norm: Array  # the example's 2-norm over all leaves (a statistic)
     rule_norm: Array  # what the rule judges: the example is under the bound iff ``rule_norm <= threshold``
-    scales: Any  # threshold -> (one Scale of (batch,) vectors per leaf, bool per example: clipped)
+    # threshold -> (one Scale of (batch,) vectors per leaf, bool per example: clipped)
+    scales: Callable[[Array], tuple[list[Scale], Array]]
 
 
 def _measure_flat(leaves: Sequence[Array]) -> _Measured:
     parts = _example_norm_parts(leaves)
 
-    def scales(threshold):
+    def scales(threshold: Array) -> tuple[list[Scale], Array]:
         s = capped_ratio(parts, threshold)
         return [s] * len(leaves), s.clipped
 
@@ -170,7 +171,7 @@ def _measure_per_leaf(leaves: Sequence[Array], weights: Sequence[float]) -> _Mea
     # An example is under the bound iff every leaf is under its share C * w_k, i.e. max_k norm_k / w_k <= C.
     relative = jnp.max(leaf_norms / jnp.asarray(weights, jnp.float32)[:, None], axis=0)
 
-    def scales(threshold):
+    def scales(threshold: Array) -> tuple[list[Scale], Array]:
         per_leaf = [capped_ratio(p, threshold * w) for p, w in zip(parts, weights)]
         return per_leaf, jnp.any(jnp.stack([s.clipped.reshape(batch) for s in per_leaf]), axis=0)
 
@@ -201,7 +202,7 @@ def _clipped_sums(leaves: Sequence[Array], scales: Sequence[Scale], finite: Arra
         )
     special = ~jnp.all(jnp.stack(plain))
 
-    def add_example(i, totals):
+    def add_example(i: Array, totals: list[Array]) -> list[Array]:
         out = []
         for x, s, compute, total in zip(leaves, scales, computes, totals):
             example = jax.lax.dynamic_index_in_dim(x, i, keepdims=False).astype(compute)
@@ -211,7 +212,9 @@ def _clipped_sums(leaves: Sequence[Array], scales: Sequence[Scale], finite: Arra
             out.append(jnp.where(i == 0, 0.0, total) + jnp.where(finite[i], scaled, 0.0))
         return out
 
-    return jax.lax.fori_loop(0, leaves[0].shape[0] * special.astype(jnp.int32), add_example, sums)
+    # fori_loop is unannotated: its result has the type of its initial value.
+    summed: list[Array] = jax.lax.fori_loop(0, leaves[0].shape[0] * special.astype(jnp.int32), add_example, sums)
+    return summed
 
 
 def clip_per_example(
@@ -369,7 +372,7 @@ def clip_per_example(
             )
         return default
 
-    def init_fn(params):
+    def init_fn(params: optax.Params) -> PerExampleState:
         del params
         rule_state = rule.init()
         metrics = {**dict.fromkeys(_METRICS, 0.0), **rule.stats(rule_state)}
@@ -377,7 +380,11 @@ def clip_per_example(
             jnp.zeros((), jnp.int32), rule_state, jax.random.PRNGKey(seed), make_stats(name, metrics)
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(
+        updates: optax.Updates, state: optax.OptState, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, optax.OptState]:
+        # optax types every state as OptState; this update only ever receives the PerExampleState its init made.
+        state = cast(PerExampleState, state)
         check_float_leaves(updates, name)
         slots = Slots.of(updates)
         leaves = [slots.values[i] for i in slots.present]
@@ -394,6 +401,7 @@ def clip_per_example(
         key = state.key
         if private:
             key, step_key, count_key = jax.random.split(key, 3)
+            assert isinstance(rule, Quantile)  # private implies adaptive, which mypy cannot follow through the flag
             threshold, rule_state = rule.private_update(measured.rule_norm, state.rule_state, count_key, sigma_b)
             multiplier = sum_noise_multiplier(noise_multiplier, sigma_b)
         else:
@@ -427,7 +435,7 @@ def clip_per_example(
             "noise_std": noise_std / batch if draws_noise else 0.0,
             **rule.stats(rule_state),
         }
-        new_state = PerExampleState(optax.safe_int32_increment(state.count), rule_state, key, make_stats(name, metrics))
+        new_state = PerExampleState(next_count(state.count), rule_state, key, make_stats(name, metrics))
         return slots.rebuilt(means), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

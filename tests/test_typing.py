@@ -18,11 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is not installed (pip install -e '.[dev]')")
-@pytest.mark.xfail(
-    strict=False,
-    reason="optclip/ is not annotated to mypy --strict yet: the annotations are fixed after the rewrite of "
-    "_norms, _clipping, _guards, _per_example, _adaptive, _rules and _stats lands (issue 14 lists the errors)",
-)
 def test_mypy_strict_passes_on_optclip(tmp_path):
     command = [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
