@@ -507,6 +507,12 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _fmt_measured(measured: float | None, limit: float | None) -> str:
+    """The measured value, with the digits that tell it from its limit (a MISS by 1e-5 must not print as equal)."""
+    close = measured is not None and limit is not None and measured != limit and _fmt(measured) == _fmt(limit)
+    return _fmt(measured, ".6f" if close else ".3f")
+
+
 def _mb(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
@@ -524,7 +530,8 @@ def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
     for t in targets:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]
         lines.append(
-            f"| {t['config']} | {t['target']} | {t['where']} | {_fmt(t['measured'])} | {_fmt(t['limit'])} | {verdict} |"
+            f"| {t['config']} | {t['target']} | {t['where']} | {_fmt_measured(t['measured'], t['limit'])} | "
+            f"{_fmt(t['limit'])} | {verdict} |"
         )
     return lines
 
@@ -665,8 +672,8 @@ def _write(result: dict[str, Any], out: Path, tag: str) -> None:
     (out / f"{tag}.md").write_text(markdown(result))
     for t in result["targets"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["passed"]]
-        print(f"{verdict}  {t['config']:42s} {t['target']:62s} {t['where']:24s} {_fmt(t['measured'])}"
-              f" (limit {_fmt(t['limit'])})")  # fmt: skip
+        measured = _fmt_measured(t["measured"], t["limit"])
+        print(f"{verdict}  {t['config']:42s} {t['target']:62s} {t['where']:24s} {measured} (limit {_fmt(t['limit'])})")
     print(f"wrote {out / tag}.json and .md")
 
 
