@@ -19,7 +19,7 @@ norm is the norm of the leaf norms), and hands the record to ``inner`` (``_norms
 adaptive rules and monitors inside reuse it instead of reading the gradients again. ``skip_on_spike(
 skip_nonfinite(chain(clip_by_global_norm(...), adam)))`` reads the gradients for norms once per step.
 
-The decision, per platform (``_skip_or_run``): on CPU and TPU a ``lax.cond`` whose taken branch runs ``inner`` and
+The decision, per platform (``_xla.run_unless``): on CPU and TPU a ``lax.cond`` whose taken branch runs ``inner`` and
 whose other branch hands back zeros and the old state. A select over the outputs of an ``inner`` that always runs
 costs more there: the consumer of the updates (``optax.apply_updates``) recomputes them from the old state, so XLA
 cannot update a donated state in place and copies it every step. On GPU a conditional reads its predicate back to
@@ -36,8 +36,7 @@ parameters' paths (``_stats.slot_names``, taken at ``init``) as static metadata 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +44,12 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from optclip import _norms
+from optclip import _norms, _xla
 from optclip._clipping import next_count
 from optclip._stats import ClipStats, Culprit, PerLeaf, absent, check_level, make_stats, slot_names
 from optclip._validation import check_finite, check_name, concrete_float
 
 Array = jax.Array
-T = TypeVar("T")
 
 POLICIES = ("skip", "zero", "raise")
 NO_CULPRIT = -1
@@ -190,28 +188,6 @@ class _Leaves(NamedTuple):
 # running or skipping inner
 
 
-def _skip_or_run(skip: Array, run: Callable[[], T], hold: Callable[[], T]) -> T:
-    """``hold()`` where ``skip``, else ``run()``; both give trees of the same types. Compiler steering, for
-    ``_xla`` (see the module docstring): on CPU and TPU a ``lax.cond`` whose true branch is ``run`` (with the
-    branches the other way round XLA:CPU copies a donated state into and out of the conditional), elsewhere (GPU)
-    both computed and each leaf selected, so that no predicate leaves the device. Tests:
-    ``test_a_donated_state_is_updated_in_place_not_copied``, ``test_guards_lowered_for_gpu_have_no_control_flow``.
-    """
-
-    # lax.cond, tree.map and platform_dependent are annotated to return Any: each result has the branches' type.
-    def branching() -> T:
-        taken: T = jax.lax.cond(~skip, run, hold)
-        return taken
-
-    def selecting() -> T:
-        ran, held = run(), hold()
-        selected: T = jax.tree.map(lambda r, h: jax.lax.select(jnp.broadcast_to(skip, r.shape), h, r), ran, held)
-        return selected
-
-    chosen: T = jax.lax.platform_dependent(cpu=branching, tpu=branching, default=selecting)
-    return chosen
-
-
 def _run_or_skip(
     skip: Array,
     inner: optax.GradientTransformationExtraArgs,
@@ -244,7 +220,7 @@ def _run_or_skip(
         )
         return replayed
 
-    return _skip_or_run(skip, again, lambda: held(shapes))
+    return _xla.run_unless(skip, again, lambda: held(shapes))
 
 
 class _Counters(NamedTuple):

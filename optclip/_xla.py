@@ -18,8 +18,15 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   CPU a loop that runs its body once more when asked costs nothing and holds the reductions once (a ``lax.cond``
   would compile every reduction a second time inside its branch). On GPU a loop or conditional reads its
   predicate back to the host, a stream synchronisation per step, so there both passes are taken in the same read
-  (sibling reductions of one input fuse into one kernel) and the result is selected. Test:
-  ``test_the_rescue_is_one_loop_on_cpu_and_branch_free_elsewhere``.
+  (sibling reductions of one input fuse into one kernel) and the result is selected. Tests:
+  ``test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu``,
+  ``test_on_gpu_the_rescue_needs_no_host_round_trip``.
+* ``run_unless``: a guard's choice between running the optimizer and holding its state. On CPU and TPU a
+  ``lax.cond`` whose true branch runs it (with the branches the other way round XLA:CPU copies a donated state into
+  and out of the conditional; a select over both results keeps the old and the new state alive, so the donated
+  state is copied every step). On GPU a conditional reads its predicate back to the host every step, so there both
+  are computed and each leaf is selected. Tests: ``test_a_donated_state_is_updated_in_place_not_copied``,
+  ``test_guards_lowered_for_gpu_have_no_control_flow``, ``test_the_select_form_gives_the_bits_of_the_conditional``.
 """
 
 from __future__ import annotations
@@ -105,4 +112,21 @@ def rare_second_pass(
     chosen: tuple[list[Array], list[Array], Array, Array] = jax.lax.platform_dependent(
         cpu=in_a_loop, tpu=in_a_loop, default=in_one_read
     )
+    return chosen
+
+
+def run_unless(skip: Array, run: Callable[[], T], hold: Callable[[], T]) -> T:
+    """``hold()`` where ``skip``, else ``run()``; both give trees of the same types (see the module docstring)."""
+
+    # lax.cond, tree.map and platform_dependent are annotated to return Any: each result has the branches' type.
+    def branching() -> T:
+        taken: T = jax.lax.cond(~skip, run, hold)
+        return taken
+
+    def selecting() -> T:
+        ran, held = run(), hold()
+        selected: T = jax.tree.map(lambda r, h: jax.lax.select(jnp.broadcast_to(skip, r.shape), h, r), ran, held)
+        return selected
+
+    chosen: T = jax.lax.platform_dependent(cpu=branching, tpu=branching, default=selecting)
     return chosen

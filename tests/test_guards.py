@@ -486,7 +486,7 @@ def test_the_select_form_gives_the_bits_of_the_conditional(monkeypatch, kind):
 
     def guards_take_the_default(*args, default, **per_platform):
         # Only the guards' choice: the norm's own one-read form is checked in test_norms (it may differ by an ulp).
-        if per_platform["cpu"].__qualname__.startswith("_skip_or_run."):
+        if per_platform["cpu"].__qualname__.startswith("run_unless."):
             selected.append(kind)
             return default(*args)
         return real(*args, default=default, **per_platform)
