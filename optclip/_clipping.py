@@ -32,7 +32,7 @@ import optax
 from optclip import _norms, _xla
 from optclip._norms import NormParts
 from optclip._rules import ThresholdRule, as_rule, guarded_update, non_negative
-from optclip._stats import ClipStats, PerLeaf, absent, check_level, make_stats, recorded_names, slot_names
+from optclip._stats import ClipStats, Culprit, PerLeaf, absent, check_level, make_stats, recorded_names, slot_names
 from optclip._validation import ORDS, check_finite, check_name, check_non_negative, check_ord, concrete_float
 
 Array = jax.Array
@@ -200,6 +200,18 @@ def spread_parts(parts: NormParts, size: int, positions: Sequence[int]) -> NormP
 # the transforms
 
 
+def _largest(norms: NormParts, positions: Sequence[int]) -> Array:
+    """The slot of the largest of ``norms`` (one per present leaf, in slot order ``positions``), a non-finite one
+    first; -1 when there is none. Compared as ``log2(mantissa) + exponent``, which orders norms beyond float32's
+    range too."""
+    if not positions:
+        return jnp.asarray(-1, jnp.int32)
+    key = jnp.log2(norms.mantissa) + norms.exponent.astype(norms.mantissa.dtype)
+    key = jnp.where(jnp.isfinite(norms.mantissa), key, jnp.inf)  # NaN and Inf: the leaf to blame
+    slot: Array = jnp.asarray(positions, jnp.int32)[jnp.argmax(key)]
+    return slot
+
+
 def clip_by_global_norm(
     max_norm: Threshold, *, ord: float = 2, stats: str = "basic", name: str = "clip_by_global_norm"
 ) -> optax.GradientTransformationExtraArgs:
@@ -224,7 +236,8 @@ def clip_by_global_norm(
       ord: the norm, 1, 2 or ``inf``. Under ``optax.inject_hyperparams`` it is injected like any number and
         chosen at run time (a run-time value other than 1 or ``inf`` acts as 2).
       stats: ``"basic"`` (default): ``norm``, ``threshold``, ``scale``, ``norm_after``, ``clipped`` and the rule's
-        own, all from the one norm; ``"full"`` adds each leaf's norm (``leaf_norm/<path>``); ``"none"``: nothing.
+        own, all from the one norm; ``"full"`` adds each leaf's norm (``leaf_norm/<path>``) and ``culprit``, the
+        leaf with the largest norm (a non-finite one first; its path in ``optclip.host_stats``); ``"none"``: nothing.
       name: the prefix of this clip's statistics in ``optclip.stats``.
 
     Returns:
@@ -246,17 +259,26 @@ def clip_by_global_norm(
     check_name(name)
 
     def metrics(
-        norm: Any, threshold: Any, scale: Any, norm_after: Any, clipped: Any, rule_state: Any, leaf_norm: Any
+        norm: Any,
+        threshold: Any,
+        scale: Any,
+        norm_after: Any,
+        clipped: Any,
+        rule_state: Any,
+        leaf_norm: Any,
+        culprit: Any,
     ) -> ClipStats:
         basic = {"norm": norm, "threshold": threshold, "scale": scale, "norm_after": norm_after, "clipped": clipped}
-        full = {"leaf_norm": leaf_norm} if stats == "full" else {}
+        full = {"leaf_norm": leaf_norm, "culprit": culprit} if stats == "full" else {}
         return make_stats(name, {**basic, **rule.stats(rule_state), **full}, stats)
 
     def init_fn(params: optax.Params) -> ClipState:
         rule_state = rule.init()
         names = slot_names(params)
         empty = PerLeaf(jnp.where(jnp.asarray([n is None for n in names], bool), jnp.nan, 0.0), names)
-        return ClipState(jnp.zeros((), jnp.int32), rule_state, metrics(0.0, 0.0, 1.0, 0.0, 0.0, rule_state, empty))
+        nobody = Culprit(jnp.int32(-1), names)
+        initial = metrics(0.0, 0.0, 1.0, 0.0, 0.0, rule_state, empty, nobody)
+        return ClipState(jnp.zeros((), jnp.int32), rule_state, initial)
 
     def update_fn(
         updates: Updates, state: OptState, params: optax.Params | None = None, **extra_args: Any
@@ -279,7 +301,7 @@ def clip_by_global_norm(
         clipped = [apply(x, applied) for x in leaves]
         value = norm.value()
         leaf_values = spread(per_leaf.value(), len(slots.values), slots.present)
-        leaf_norm = PerLeaf(leaf_values, recorded_names(state.stats, name, stats))
+        names = recorded_names(state.stats, name, stats)
         new_stats = metrics(
             value,
             threshold,
@@ -287,7 +309,8 @@ def clip_by_global_norm(
             jnp.where(scale.clipped, threshold, value),
             scale.clipped,
             rule_state,
-            leaf_norm,
+            PerLeaf(leaf_values, names),
+            Culprit(_largest(per_leaf, slots.present), names),
         )
         new_state = ClipState(next_count(state.count), rule_state, new_stats)
         return slots.rebuilt(clipped), new_state

@@ -4,7 +4,8 @@ A scope takes the rules that can digest its norms (``optclip._rules.as_rule``): 
 rule (a scalar rule runs once per leaf), AGC's unit scope only numbers and schedules, per-example clipping the rules
 that take a vector of norms. Each accepted pair runs a few jitted steps on a tree with a frozen (``None``) and a
 masked-out (``optax.MaskedNode``) leaf, alone, inside ``optax.masked`` and inside ``optax.MultiSteps``, and its state
-keeps its structure, shapes and dtypes step after step (no silent broadcasting) and survives an orbax round trip.
+keeps its structure, shapes and dtypes step after step (no silent broadcasting); each pair's state alone survives an
+orbax round trip.
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def test_every_accepted_pair_runs_and_keeps_its_state_shapes(scope, rule, wrappe
         assert updates["frozen"] is None
         for key in ("a", "b"):
             assert updates[key].shape == SHAPES[key] and bool(jnp.all(jnp.isfinite(updates[key]))), (t, key)
+    if wrapper != "alone":
+        return  # the wrappers' own states are optax's: one orbax round trip per rule and scope is enough
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp_path / "state", state)
     checkpointer.wait_until_finished()
