@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import sys
@@ -430,8 +429,7 @@ def test_transformer_spikes_end_to_end(tmp_path):
     argv = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch", "4", "--steps", "12", "--warmup", "3"]
     argv += ["--seeds", "2", "--eval-every", "5", "--valid-size", "8", "--spike-window", "4", "--timing-rounds", "2"]
     argv += ["--timing-steps", "1", "--methods", "none", "global", "guards", "--no-progress", "--lr", "0.01"]
-    tensorboard = importlib.util.find_spec("tensorboardX") is not None
-    argv += ["--tensorboard", str(tmp_path / "tb")] if tensorboard else []
+    argv += ["--tensorboard", str(tmp_path / "tb")]  # tensorboardX comes with the examples extra, as flax does
     result = transformer_spikes.main([*argv, "--out", str(tmp_path / "out")])
     steps, runs = check_outputs(tmp_path / "out", "transformer.png", ["none", "global", "guards"], runs_expected=6)
     rows = result["tables"]["methods"]
@@ -457,8 +455,7 @@ def test_transformer_spikes_end_to_end(tmp_path):
     assert len({round(loss, 6) for run, loss in first.items() if run.endswith("-s0")}) == 1
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "lowest possible loss" in summary and "step time / none" in summary
-    if tensorboard:
-        tensorboard_event_files_hold_every_step_and_the_monitor_per_layer(tmp_path / "tb", steps)
+    tensorboard_event_files_hold_every_step_and_the_monitor_per_layer(tmp_path / "tb", steps)
 
 
 def test_transformer_spikes_sweep(tmp_path):
