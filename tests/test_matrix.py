@@ -68,7 +68,8 @@ def _wrapped(kind: str, tx: optax.GradientTransformation, per_example: bool) -> 
     mask = {"a": True, "b": False, "frozen": True}
     if per_example:
         # Both wrappers work on gradients shaped like the parameters, which per-example gradients are only once
-        # clip_per_example has reduced the batch axis: the wrapper goes after it.
+        # clip_per_example has reduced the batch axis: the wrapper goes after it (the other order is refused:
+        # tests/test_per_example.py).
         if kind == "masked":
             return optax.chain(tx, optax.masked(optax.scale(0.5), mask))
         if kind == "multi_steps":
@@ -131,10 +132,3 @@ def test_every_accepted_pair_runs_and_keeps_its_state_shapes(scope, rule, wrappe
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     _, again = step(restored, _grads(STEPS, per_example))  # the restored state steps on
     assert _signature(again) == signature
-
-
-def test_multi_steps_around_per_example_clipping_is_refused_with_the_order_that_works():
-    tx = optax.MultiSteps(optclip.clip_per_example(1.0), every_k_schedule=2)
-    params = _params("multi_steps")
-    with pytest.raises(ValueError, match=r"optax.chain\(clip_per_example"):
-        tx.update(_grads(0, per_example=True), tx.init(params), params)

@@ -473,9 +473,11 @@ def test_a_frozen_parameter_has_no_gradient_and_passes_through():
 
 def test_inside_multisteps_it_is_refused_with_a_pointer_to_the_chain_that_works():
     tx = optax.MultiSteps(optclip.clip_per_example(optclip.quantile()), every_k_schedule=2)
-    params = {"w": jnp.zeros(3)}
-    with pytest.raises(ValueError, match=r"parameter's own shape.*optax\.MultiSteps.*chain it first"):
-        jax.jit(tx.update)({"w": jnp.ones((4, 3))}, tx.init(params), params)
+    # Leaves whose first dims differ: the pointer comes before the batch-size check would blame the batch axis.
+    params = {"w": jnp.zeros(3), "b": jnp.zeros((5, 2))}
+    pointer = r"parameter's own shape.*optax\.MultiSteps.*chain it first, optax\.chain\(clip_per_example"
+    with pytest.raises(ValueError, match=pointer):
+        jax.jit(tx.update)({"w": jnp.ones((4, 3)), "b": jnp.ones((5, 2))}, tx.init(params), params)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
