@@ -16,17 +16,16 @@ from optclip import _norms, _xla
 from optclip._adaptive import EMA
 from optclip._clipping import (
     ClipState,
-    Scale,
     Slots,
     apply,
     capped_ratio,
     check_float_leaves,
     clip_by_leaf_norm,
-    computed_once,
     leafwise_rule_metrics,
     leafwise_rule_update,
     next_count,
     norms_for_ord,
+    scale_of,
 )
 from optclip._rules import non_negative
 from optclip._stats import make_stats
@@ -100,45 +99,39 @@ def adagc(
         slots = Slots.of(updates)
         leaves = [slots.values[i] for i in slots.present]
 
-        def measure(o: float) -> tuple[list[_norms.NormParts], _norms.NormParts]:
+        def measure(o: float) -> tuple[_norms.NormParts, _norms.NormParts]:
             measured = _norms.leaf_norms_of(leaves, o, extra_args)
-            return measured.per_leaf(), measured.total()
+            return measured.flat(), measured.total()
 
         parts, whole = norms_for_ord(ord, measure)
         size = len(slots.values)
+        present = jnp.asarray(slots.present, jnp.int32)
         # The global warm-up lasts while any tensor's rule is in its warm-up: they all count the same finite steps.
         warming = jnp.any(jax.vmap(rule.in_warmup)(state.rule_state)) if size else jnp.bool_(False)
         global_scale = capped_ratio(whole, cap)
         # During warm-up the rule sees each tensor's norm after the global clip, or NaN for all on a non-finite step.
         seen_norm = jnp.where(warming, jnp.where(jnp.isfinite(whole.value()), global_scale.value, jnp.nan), 1.0)
-        norms = jnp.full((size,), jnp.nan, jnp.float32)
-        if leaves:
-            norms = norms.at[jnp.asarray(slots.present)].set(jnp.stack([p.value() for p in parts]))
+        leaf_values = parts.value()
+        norms = jnp.full((size,), jnp.nan, jnp.float32).at[present].set(leaf_values)
         thresholds, rule_state = leafwise_rule_update(rule, norms * seen_norm, state.rule_state, state.count)
 
+        # The formula once, over the vector of leaves; each leaf reads its row.
+        present_thresholds = thresholds[present]
+        leaf_scale = capped_ratio(parts, present_thresholds)
+        multipliers = jnp.where(warming, global_scale.multipliers(), leaf_scale.multipliers())
         one = _xla.runtime_one(state.count)
-        leaf_scales = [capped_ratio(p, thresholds[i]) for p, i in zip(parts, slots.present)]
-        clipped = []
-        for x, s in zip(leaves, leaf_scales):
-            chosen = Scale(*(jnp.where(warming, w, own) for w, own in zip(global_scale, s)))
-            clipped.append(apply(x, computed_once(chosen, one)))
+        clipped = [apply(x, scale_of(multipliers[i], one)) for i, x in enumerate(leaves)]
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)
 
-        leaf_values = jnp.stack([p.value() for p in parts]) if parts else jnp.zeros((0,))
-        present_thresholds = thresholds[jnp.asarray(slots.present, jnp.int32)] if parts else jnp.zeros((0,))
-        leaf_clipped = jnp.stack([s.clipped for s in leaf_scales]) if parts else jnp.zeros((0,), bool)
-        leaf_after = jnp.where(leaf_clipped, present_thresholds, leaf_values)
+        leaf_after = jnp.where(leaf_scale.clipped, present_thresholds, leaf_values)
         metrics = {
             "norm": pick(whole.value(), jnp.max(leaf_values, initial=0.0)),
             "threshold": pick(cap, jnp.min(present_thresholds, initial=jnp.inf)),
-            "scale": pick(
-                global_scale.value,
-                jnp.min(jnp.stack([s.value for s in leaf_scales]) if parts else jnp.ones((0,)), initial=1.0),
-            ),
+            "scale": pick(global_scale.value, jnp.min(leaf_scale.value, initial=1.0)),
             "norm_after": pick(jnp.where(global_scale.clipped, cap, whole.value()), jnp.max(leaf_after, initial=0.0)),
-            "clipped": pick(global_scale.clipped, jnp.mean(leaf_clipped) if parts else 0.0),
+            "clipped": pick(global_scale.clipped, jnp.mean(leaf_scale.clipped) if leaves else 0.0),
             **leafwise_rule_metrics(rule, rule_state, size),
         }
         new_state = ClipState(next_count(state.count), rule_state, make_stats(name, metrics, stats))

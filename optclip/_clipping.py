@@ -21,6 +21,7 @@ clip reuses its measurement instead of reading them again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -82,6 +83,13 @@ class Scale(NamedTuple):
     def value(self) -> Array:
         return _norms.times_pow2(self.factor, self.exponent)
 
+    def multipliers(self) -> Array:
+        """The scale as three floats whose product it is, on a new last axis: ``factor`` and ``2**exponent`` in two
+        normal halves (``2**exponent`` alone may be below float32's range)."""
+        half = self.exponent >> 1
+        dtype = self.factor.dtype
+        return jnp.stack([self.factor, _norms.pow2(half, dtype), _norms.pow2(self.exponent - half, dtype)], axis=-1)
+
 
 def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
     """``min(1, threshold / norm)``: 1 where the norm is not finite (nothing sensible to scale by), 0 for a zero
@@ -104,15 +112,18 @@ def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
     return Scale(jnp.where(zero, 0.0, factor), jnp.where(clipped, power - into_factor, 0), clipped)
 
 
-def apply(x: Array, scale: Scale) -> Array:
-    """``x * min(1, threshold / norm)``, in at least float32, returned in ``x``'s dtype."""
+def apply(x: Array, multipliers: Array) -> Array:
+    """``x * min(1, threshold / norm)``, given the scale as ``Scale.multipliers``, in at least float32, returned in
+    ``x``'s dtype: three multiplications, so that the kernels that scale ``x`` do no more."""
     compute = jnp.promote_types(x.dtype, jnp.float32)
-    return _norms.times_pow2(x.astype(compute) * scale.factor.astype(compute), scale.exponent).astype(x.dtype)
+    m = multipliers.astype(compute)
+    return (x.astype(compute) * m[..., 0] * m[..., 1] * m[..., 2]).astype(x.dtype)
 
 
-def computed_once(scale: Scale, one: Array) -> Scale:
-    """``scale`` computed once for all the kernels that read it (``_xla.computed_once``)."""
-    return Scale(_xla.computed_once(scale.factor, one), _xla.computed_once(scale.exponent, one), scale.clipped)
+def scale_of(multipliers: Array, one: Array) -> Array:
+    """``multipliers`` computed once for all the kernels that read them (``_xla.computed_once``): the scale of one
+    leaf is a row of the scales of every leaf, computed together as vectors."""
+    return _xla.computed_once(multipliers, one)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -297,7 +308,7 @@ def clip_by_global_norm(
         per_leaf, norm = norms_for_ord(ord, measure)
         threshold, rule_state = guarded_update(rule, norm.value(), state.rule_state, state.count)
         scale = capped_ratio(norm, threshold)
-        applied = computed_once(scale, _xla.runtime_one(state.count))
+        applied = scale_of(scale.multipliers(), _xla.runtime_one(state.count))
         clipped = [apply(x, applied) for x in leaves]
         value = norm.value()
         leaf_values = spread(per_leaf.value(), len(slots.values), slots.present)
@@ -394,21 +405,17 @@ def clip_by_leaf_norm(
         present = slots.present
         leaves = [slots.values[i] for i in present]
 
-        def measure(o: float) -> tuple[list[NormParts], NormParts]:
-            measured = _norms.leaf_norms_of(leaves, o, extra_args)
-            return measured.per_leaf(), measured.flat()
+        def measure(o: float) -> NormParts:
+            return _norms.leaf_norms_of(leaves, o, extra_args).flat()
 
-        parts, flat_parts = norms_for_ord(ord, measure)
-        measured = spread_parts(flat_parts, size, present)
+        measured = spread_parts(norms_for_ord(ord, measure), size, present)
         norms = measured.value()  # NaN where a slot has no gradient: the rule keeps that state
         thresholds, rule_state = leafwise_rule_update(rule, norms, state.rule_state, state.count)
-        one = _xla.runtime_one(state.count)
-        clipped = []
-        for x, p, i in zip(leaves, parts, present):
-            clipped.append(apply(x, computed_once(capped_ratio(p, thresholds[i]), one)))
-
-        # The statistics: the same formula once more, over the vector of leaves.
+        # The formula once, over the vector of leaves; each leaf reads its row.
         scale = capped_ratio(measured, thresholds)
+        multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
+        clipped = [apply(x, scale_of(multipliers[i], one)) for x, i in zip(leaves, present)]
+
         seen = ~jnp.isnan(norms)
         basic = {
             "norm": jnp.max(jnp.where(seen, norms, 0.0), initial=0.0),
@@ -636,18 +643,21 @@ def adaptive_grad_clip(
         grad_leaves = [slots.values[i] for i in slots.present]
         param_leaves = [param_slots[i] for i in slots.present]
         axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
-        # Gradients and weights in one measurement: one rescue loop for both.
-        both = _norms.unit_norms([*grad_leaves, *param_leaves], 2, [*axes, *axes])
-        grad_norms, param_norms = both[: len(axes)], both[len(axes) :]
-        floors = [jnp.maximum(p.value(), non_negative(jnp.asarray(eps))) for p in param_norms]
-        one = _xla.runtime_one(state.count)
-        scales = [computed_once(capped_ratio(g, ratio * f), one) for g, f in zip(grad_norms, floors)]
-        clipped = [apply(x, s) for x, s in zip(grad_leaves, scales)]
-
-        # The statistics: the same formula once more, over the vector of every unit.
-        units = _norms.flat(grad_norms)  # a concatenation of the per-leaf norms: no second reduction
-        floor = _norms.flat_values(floors)
+        # Gradients and weights in one measurement (one rescue loop for both), as one vector of every unit.
+        both = _norms.flat_unit_norms([*grad_leaves, *param_leaves], 2, [*axes, *axes])
+        shapes = [_norms.unit_shape(jnp.shape(x), a) for x, a in zip(grad_leaves, axes)]
+        counts = [math.prod(shape) for shape in shapes]
+        units = both.take(slice(0, sum(counts)))
+        floor = jnp.maximum(both.take(slice(sum(counts), None)).value(), non_negative(jnp.asarray(eps)))
+        # The formula once, over the vector of units; each leaf reads its rows, shaped to broadcast against it.
         scale = capped_ratio(units, ratio * floor)
+        multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
+        starts = np.cumsum([0, *counts]).tolist()
+        clipped = [
+            apply(x, scale_of(multipliers[start : start + n].reshape(*shape, 3), one))
+            for x, start, n, shape in zip(grad_leaves, starts, counts, shapes)
+        ]
+
         ratios = units.value() / floor
         basic = {
             "norm": jnp.max(ratios, initial=0.0),
@@ -657,13 +667,16 @@ def adaptive_grad_clip(
             "clipped": jnp.sum(scale.clipped, dtype=jnp.float32) / max(ratios.size, 1),
         }
         per_leaf = {}
-        if stats == "full":  # each leaf's largest ratio and fraction of units clipped, from its own norms
+        if stats == "full":  # each leaf's largest ratio and fraction of units clipped
             size = len(slots.values)
-            largest = [jnp.max(g.value() / f, initial=0.0) for g, f in zip(grad_norms, floors)]
-            fractions = [jnp.mean(s.clipped) for s in scales]
+            leaf_of_unit = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+            largest = jax.ops.segment_max(ratios, leaf_of_unit, len(counts), indices_are_sorted=True)
+            fractions = jax.ops.segment_sum(scale.clipped.astype(jnp.float32), leaf_of_unit, len(counts)) / np.maximum(
+                np.asarray(counts, np.float32), 1
+            )
             per_leaf = {
-                "norm": spread(jnp.stack(largest), size, slots.present) if largest else jnp.full((size,), jnp.nan),
-                "clipped": spread(jnp.stack(fractions), size, slots.present) if largest else jnp.full((size,), jnp.nan),
+                "norm": spread(jnp.maximum(largest, 0.0), size, slots.present),
+                "clipped": spread(fractions, size, slots.present),
             }
         new_stats = _per_leaf_stats(name, stats, basic, per_leaf, recorded_names(state.stats, name, stats))
         return slots.rebuilt(clipped), ClipState(next_count(state.count), (), new_stats)

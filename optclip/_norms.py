@@ -293,12 +293,6 @@ def flat(parts: Sequence[NormParts]) -> NormParts:
     )
 
 
-def leaf_norms(leaves: Sequence[Array], ord: float) -> list[NormParts]:
-    """One norm per leaf, each a ``NormParts`` of scalars in buffers of its own."""
-    check_ord(ord)
-    return LeafNorms(leaves, ord).per_leaf()
-
-
 def leaf_norm_vector(leaves: Sequence[Array], ord: float) -> NormParts:
     """One norm per leaf, as one vector of each half."""
     check_ord(ord)
@@ -365,36 +359,23 @@ def global_norm(tree: Any, ord: float = 2) -> Array:
 
 
 class LeafNorms:
-    """The norm of each of ``leaves`` (the very array objects measured), read once: ``flat()`` as one vector (for a
-    global norm or a statistic), ``per_leaf()`` as one buffer per leaf (for the kernels that scale each leaf).
+    """The norm of each of ``leaves`` (the very array objects measured), read once, as one vector (``flat()``): what
+    a global norm, a statistic and the scales of a per-leaf clip (computed as vectors) all need.
 
-    Measured when first asked, in the form asked: ``flat()`` alone compiles faster; ``per_leaf()`` serves both. A
-    ``per_leaf()`` after a bare ``flat()`` reads the leaves again (where a guard hands down its global norm to a leaf
-    clip), rather than cut the vector into per-leaf slices (each slice a kernel of its own: slow to compile).
-
-    Handed down through an extra argument (``HANDOVER_ARG``): it is neither a pytree nor an array, so optax wrappers
-    pass it through untouched (``optax.MultiSteps`` treats non-array extra arguments as static) and no state holds it.
+    Measured when first asked. Handed down through an extra argument (``HANDOVER_ARG``): it is neither a pytree nor
+    an array, so optax wrappers pass it through untouched (``optax.MultiSteps`` treats non-array extra arguments as
+    static) and no state holds it.
     """
 
     def __init__(self, leaves: Sequence[Array], ord: float):
         self.leaves = tuple(leaves)
         self.ord = ord
         self._flat: NormParts | None = None
-        self._per_leaf: list[NormParts] | None = None
         self._index = {id(x): i for i, x in enumerate(self.leaves)}
-
-    def per_leaf(self) -> list[NormParts]:
-        if self._per_leaf is None:
-            parts = unit_norms(self.leaves, self.ord, [None] * len(self.leaves))
-            self._per_leaf = [NormParts(p.mantissa.reshape(()), p.exponent.reshape(())) for p in parts]
-        return self._per_leaf
 
     def flat(self) -> NormParts:
         if self._flat is None:
-            if self._per_leaf is not None:
-                self._flat = flat(self._per_leaf)
-            else:
-                self._flat = flat_unit_norms(self.leaves, self.ord, [None] * len(self.leaves))
+            self._flat = flat_unit_norms(self.leaves, self.ord, [None] * len(self.leaves))
         return self._flat
 
     def total(self) -> NormParts:
@@ -412,10 +393,7 @@ class LeafNorms:
         if picks == list(range(len(self.leaves))):
             return self
         found = LeafNorms(leaves, ord)
-        if self._per_leaf is not None:
-            found._per_leaf = [self._per_leaf[i] for i in picks]
-        elif self._flat is not None:
-            found._flat = self._flat.take(np.asarray(picks, np.int32))  # a gather of scalars: only statistics read it
+        found._flat = self.flat().take(np.asarray(picks, np.int32))
         return found
 
 

@@ -4,12 +4,12 @@ A future XLA that no longer needs one of these can drop it here, in one place; e
 it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
 
 * ``computed_once``: XLA's fusion copies a cheap producer (adds, selects, bit arithmetic, a slice) into every kernel
-  that reads it, so a scale read by the update kernels of a leaf is computed again for each of its entries, a scalar
-  chain read by the kernels of 1000 leaves is compiled 1000 times, and a vector slice read by each leaf's kernel
-  makes every such kernel different (XLA:CPU compiles identical kernels once). A division is never copied this way;
-  dividing by a 1 that XLA only learns at run time (an integer division for an integer) is exact and ends the chain
-  in a kernel of its own. Tests: ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``,
-  ``test_the_scale_is_computed_once_not_per_entry``.
+  that reads it: a scale read by a leaf's update kernels would be computed again for each of its entries, and a
+  leaf's row sliced out of the scales of every leaf (computed together as vectors) would make each leaf's update
+  kernels different (XLA:CPU compiles identical kernels once, different ones one by one). A division is never
+  copied this way; dividing by a 1 that XLA only learns at run time (an integer division for an integer) is exact
+  and ends the chain in a small kernel of its own, which the update kernels read. Tests:
+  ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``, ``test_the_scale_is_computed_once_not_per_entry``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
@@ -48,7 +48,7 @@ def runtime_one(count: Array) -> Array:
 
 def computed_once(x: Array, one: Array) -> Array:
     """``x`` unchanged, computed in a kernel of its own that every reader shares (see the module docstring)."""
-    return jax.lax.div(x, one.astype(x.dtype))
+    return jax.lax.div(x, jnp.broadcast_to(one.astype(x.dtype), jnp.shape(x)))
 
 
 def tied(scalar: Array, x: Array) -> Array:

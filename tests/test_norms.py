@@ -29,7 +29,7 @@ def _parts64(parts: _norms.NormParts) -> np.ndarray:
 
 
 def _leaf_norm_parts(leaves, ord):
-    return _norms.flat(_norms.leaf_norms(leaves, ord))
+    return _norms.leaf_norm_vector(leaves, ord)
 
 
 def _eqns(jaxpr, inside_cond=False):
