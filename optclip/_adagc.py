@@ -118,9 +118,9 @@ def adagc(
         # The formula once, over the vector of leaves; each leaf reads its row.
         present_thresholds = thresholds[present]
         leaf_scale = capped_ratio(parts, present_thresholds)
-        multipliers = jnp.where(warming, global_scale.multipliers(), leaf_scale.multipliers())
+        multipliers = jnp.where(warming, global_scale.multipliers()[:, None], leaf_scale.multipliers())
         one = _xla.runtime_one(state.count)
-        clipped = [apply(x, scale_of(multipliers[i], one)) for i, x in enumerate(leaves)]
+        clipped = [apply(x, scale_of(multipliers[:, i], one)) for i, x in enumerate(leaves)]
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)

@@ -84,11 +84,12 @@ class Scale(NamedTuple):
         return _norms.times_pow2(self.factor, self.exponent)
 
     def multipliers(self) -> Array:
-        """The scale as three floats whose product it is, on a new last axis: ``factor`` and ``2**exponent`` in two
-        normal halves (``2**exponent`` alone may be below float32's range)."""
+        """The scale as three floats whose product it is, on a new first axis (so that each is contiguous, as a
+        vector of scales is): ``factor`` and ``2**exponent`` in two normal halves (``2**exponent`` alone may be
+        below float32's range)."""
         half = self.exponent >> 1
         dtype = self.factor.dtype
-        return jnp.stack([self.factor, _norms.pow2(half, dtype), _norms.pow2(self.exponent - half, dtype)], axis=-1)
+        return jnp.stack([self.factor, _norms.pow2(half, dtype), _norms.pow2(self.exponent - half, dtype)])
 
 
 def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
@@ -117,7 +118,7 @@ def apply(x: Array, multipliers: Array) -> Array:
     ``x``'s dtype: three multiplications, so that the kernels that scale ``x`` do no more."""
     compute = jnp.promote_types(x.dtype, jnp.float32)
     m = multipliers.astype(compute)
-    return (x.astype(compute) * m[..., 0] * m[..., 1] * m[..., 2]).astype(x.dtype)
+    return (x.astype(compute) * m[0] * m[1] * m[2]).astype(x.dtype)
 
 
 def scale_of(multipliers: Array, one: Array) -> Array:
@@ -414,7 +415,7 @@ def clip_by_leaf_norm(
         # The formula once, over the vector of leaves; each leaf reads its row.
         scale = capped_ratio(measured, thresholds)
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        clipped = [apply(x, scale_of(multipliers[i], one)) for x, i in zip(leaves, present)]
+        clipped = [apply(x, scale_of(multipliers[:, i], one)) for x, i in zip(leaves, present)]
 
         seen = ~jnp.isnan(norms)
         basic = {
@@ -654,7 +655,7 @@ def adaptive_grad_clip(
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
         starts = np.cumsum([0, *counts]).tolist()
         clipped = [
-            apply(x, scale_of(multipliers[start : start + n].reshape(*shape, 3), one))
+            apply(x, scale_of(multipliers[:, start : start + n].reshape(3, *shape), one))
             for x, start, n, shape in zip(grad_leaves, starts, counts, shapes)
         ]
 
