@@ -13,7 +13,9 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
-  ``test_the_norm_writes_no_leaf_sized_buffer``.
+  ``test_the_norm_writes_no_leaf_sized_buffer``. Only for arrays of at least ``FAST_REDUCTION_MIN_SIZE`` entries:
+  XLA:CPU reduces smaller ones from a buffer of the powers it writes out first whatever the scale, and a tie would
+  be one more kernel per leaf for nothing (test: ``test_small_leaves_are_reduced_from_a_written_buffer_anyway``).
 * ``rare_second_pass``: the norm rescue reads the gradients a second time only on the rare step that needs it. On
   CPU a loop that runs its body once more when asked costs nothing and holds the reductions once (a ``lax.cond``
   would compile every reduction a second time inside its branch). On GPU a loop or conditional reads its
@@ -51,9 +53,13 @@ def computed_once(x: Array, one: Array) -> Array:
     return jax.lax.div(x, jnp.broadcast_to(one.astype(x.dtype), jnp.shape(x)))
 
 
+# The smallest array XLA:CPU reduces with its fast kernels (found by compiling, see ``tied``'s tests).
+FAST_REDUCTION_MIN_SIZE = 4096
+
+
 def tied(scalar: Array, x: Array) -> Array:
     """``scalar`` unchanged, as an operand of ``x``'s kernels alone (see the module docstring)."""
-    if x.size == 0:
+    if x.size < FAST_REDUCTION_MIN_SIZE:
         return scalar
     first = jax.lax.stop_gradient(x.reshape(-1)[0])
     zero = jnp.where(jnp.isfinite(first), first, 0).astype(scalar.dtype) * 0
