@@ -25,7 +25,6 @@ from optclip._clipping import (
     leafwise_rule_update,
     next_count,
     norms_for_ord,
-    scale_of,
 )
 from optclip._rules import non_negative
 from optclip._stats import make_stats
@@ -120,7 +119,7 @@ def adagc(
         leaf_scale = capped_ratio(parts, present_thresholds)
         multipliers = jnp.where(warming, global_scale.multipliers()[:, None], leaf_scale.multipliers())
         one = _xla.runtime_one(state.count)
-        clipped = [apply(x, scale_of(multipliers[:, i], one)) for i, x in enumerate(leaves)]
+        clipped = [apply(x, _xla.computed_once(multipliers[:, i], one)) for i, x in enumerate(leaves)]
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)

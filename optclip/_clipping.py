@@ -87,9 +87,7 @@ class Scale(NamedTuple):
         """The scale as three floats whose product it is, on a new first axis (so that each is contiguous, as a
         vector of scales is): ``factor`` and ``2**exponent`` in two normal halves (``2**exponent`` alone may be
         below float32's range)."""
-        half = self.exponent >> 1
-        dtype = self.factor.dtype
-        return jnp.stack([self.factor, _norms.pow2(half, dtype), _norms.pow2(self.exponent - half, dtype)])
+        return jnp.stack([self.factor, *_norms.pow2_halves(self.exponent, self.factor.dtype)])
 
 
 def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
@@ -119,12 +117,6 @@ def apply(x: Array, multipliers: Array) -> Array:
     compute = jnp.promote_types(x.dtype, jnp.float32)
     m = multipliers.astype(compute)
     return (x.astype(compute) * m[0] * m[1] * m[2]).astype(x.dtype)
-
-
-def scale_of(multipliers: Array, one: Array) -> Array:
-    """``multipliers`` computed once for all the kernels that read them (``_xla.computed_once``): the scale of one
-    leaf is a row of the scales of every leaf, computed together as vectors."""
-    return _xla.computed_once(multipliers, one)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,7 +301,7 @@ def clip_by_global_norm(
         per_leaf, norm = norms_for_ord(ord, measure)
         threshold, rule_state = guarded_update(rule, norm.value(), state.rule_state, state.count)
         scale = capped_ratio(norm, threshold)
-        applied = scale_of(scale.multipliers(), _xla.runtime_one(state.count))
+        applied = _xla.computed_once(scale.multipliers(), _xla.runtime_one(state.count))
         clipped = [apply(x, applied) for x in leaves]
         value = norm.value()
         leaf_values = spread(per_leaf.value(), len(slots.values), slots.present)
@@ -415,7 +407,7 @@ def clip_by_leaf_norm(
         # The formula once, over the vector of leaves; each leaf reads its row.
         scale = capped_ratio(measured, thresholds)
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        clipped = [apply(x, scale_of(multipliers[:, i], one)) for x, i in zip(leaves, present)]
+        clipped = [apply(x, _xla.computed_once(multipliers[:, i], one)) for x, i in zip(leaves, present)]
 
         seen = ~jnp.isnan(norms)
         basic = {
@@ -655,7 +647,7 @@ def adaptive_grad_clip(
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
         starts = np.cumsum([0, *counts]).tolist()
         clipped = [
-            apply(x, scale_of(multipliers[:, start : start + n].reshape(3, *shape), one))
+            apply(x, _xla.computed_once(multipliers[:, start : start + n].reshape(3, *shape), one))
             for x, start, n, shape in zip(grad_leaves, starts, counts, shapes)
         ]
 

@@ -70,10 +70,16 @@ class NormParts(NamedTuple):
 
 
 def times_pow2(x: Array, exponent: Array) -> Array:
-    """``x * 2**exponent`` exactly, in two factors so that neither is a denormal flushed to zero."""
+    """``x * 2**exponent`` exactly (``pow2_halves``)."""
+    low, high = pow2_halves(exponent, x.dtype)
+    return x * low * high
+
+
+def pow2_halves(exponent: Array, dtype: Any = jnp.float32) -> tuple[Array, Array]:
+    """``2**exponent`` as two factors, so that neither is a denormal flushed to zero where the power itself is."""
     exponent = jnp.asarray(exponent, jnp.int32)
     half = exponent >> 1  # floor(exponent / 2) in one op
-    return x * pow2(half, x.dtype) * pow2(exponent - half, x.dtype)
+    return pow2(half, dtype), pow2(exponent - half, dtype)
 
 
 def pow2(exponent: Array, dtype: Any = jnp.float32) -> Array:
@@ -183,10 +189,6 @@ class PowerSums(NamedTuple):
     def flat(self) -> tuple[Array, Array]:
         return self._pick(flat_values(self.first), flat_values(self.second), self.exponent, self.needed)
 
-    def subset(self, picks: Sequence[int]) -> PowerSums:
-        """The sums of the arrays at ``picks`` (per-array sums only)."""
-        return PowerSums([self.first[i] for i in picks], [self.second[i] for i in picks], self.exponent, self.needed)
-
     def per_array(self) -> list[tuple[Array, Array]]:
         return [self._pick(f, s, self.exponent, self.needed) for f, s in zip(self.first, self.second)]
 
@@ -284,13 +286,6 @@ def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -
         return NormParts(values, jnp.zeros(values.shape, jnp.int32))
     sums, exponents = _sums(arrays, ord, axes, False).flat()
     return NormParts(_root(sums, ord), exponents)
-
-
-def flat(parts: Sequence[NormParts]) -> NormParts:
-    """Norms of several shapes (``unit_norms``' list) as one vector of each, in order."""
-    return NormParts(
-        flat_values([p.mantissa for p in parts]), flat_values([p.exponent for p in parts]).astype(jnp.int32)
-    )
 
 
 def leaf_norm_vector(leaves: Sequence[Array], ord: float) -> NormParts:
@@ -393,7 +388,8 @@ class LeafNorms:
         if picks == list(range(len(self.leaves))):
             return self
         found = LeafNorms(leaves, ord)
-        found._flat = self.flat().take(np.asarray(picks, np.int32))
+        if self._flat is not None:  # else the subset is measured on its own, when asked
+            found._flat = self._flat.take(np.asarray(picks, np.int32))
         return found
 
 

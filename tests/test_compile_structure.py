@@ -112,7 +112,7 @@ def test_small_leaves_are_reduced_from_a_written_buffer_anyway():
 )
 def test_the_scale_is_computed_once_not_per_entry(make):
     # XLA copies the scale's cheap producers (the comparison with the threshold, the quotient, the exponent's bit
-    # arithmetic) into every kernel that reads it, to run once per entry of each leaf: the factor and the exponent
+    # arithmetic) into every kernel that reads it, to run once per entry of each leaf: the scale's multipliers
     # are computed in kernels of their own (optclip/_xla.py, ``computed_once``). With SGD the leaf-shaped kernels do
     # nothing but scale: no comparison, no division.
     bodies = _leaf_kernel_bodies(optax.chain(make(), optax.sgd(1.0)), 3)
