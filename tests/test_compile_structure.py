@@ -30,14 +30,18 @@ def _normalised_computations(hlo: str) -> dict[str, str]:
     return found
 
 
-def _leaf_kernel_bodies(tx: optax.GradientTransformation, num_leaves: int) -> set[str]:
-    params = {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}
+def _compiled_step(tx: optax.GradientTransformation, params: dict) -> jax.stages.Compiled:
+    """The jitted training step (update, then apply) with donated parameters and state, compiled."""
 
     def step(p, s, g):
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s
 
-    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
+    return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+
+
+def _leaf_kernel_bodies(tx: optax.GradientTransformation, num_leaves: int) -> set[str]:
+    hlo = _compiled_step(tx, {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}).as_text()
     computations = _normalised_computations(hlo)
     entry = hlo[hlo.index("\nENTRY") :]
     leaf_shaped = rf"= f32\[{','.join(map(str, SHAPE))}\]\{{[^}}]*\}} fusion\([^\n]*calls=(%[\w.\-]+)"
@@ -80,14 +84,7 @@ def test_the_norm_writes_no_leaf_sized_buffer(make):
 
 def _temp_bytes(tx: optax.GradientTransformation, shape: tuple[int, ...]) -> int:
     params = {f"w{i}": jnp.zeros(shape) for i in range(3)}
-    tx = optax.chain(tx, optax.adam(1e-3))
-
-    def step(p, s, g):
-        updates, s = tx.update(g, s, p)
-        return optax.apply_updates(p, updates), s
-
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return _compiled_step(optax.chain(tx, optax.adam(1e-3)), params).memory_analysis().temp_size_in_bytes
 
 
 def test_small_leaves_are_reduced_from_a_written_buffer_anyway():
