@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -207,43 +207,15 @@ def _rescued_power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes
     array).
     """
 
-    in_step = [i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)]
-    in_loop = [i for i in range(len(arrays)) if i not in set(in_step)]
-
-    def measuring(group: list[int]) -> Callable[[Array | float], list[Array]]:
-        def measure(scale: Array | float) -> list[Array]:
-            if not group:
-                return []
-            sums = _power_sums([arrays[i] for i in group], ord, [axes[i] for i in group], scale)
-            return sums if per_array else [flat_values(sums)]
-
-        return measure
+    def measure(scale: Array | float) -> list[Array]:
+        sums = _power_sums(arrays, ord, axes, scale)
+        return sums if per_array else [flat_values(sums)]
 
     def plan(first: list[Array]) -> tuple[Array, Array]:
         return _needs_rescue(flat_values(first))
 
-    first, second, exponent, needed = _xla.rare_second_pass(
-        measuring(in_step), measuring(in_loop), plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
-    )
-    restore = functools.partial(_in_array_order, [*in_step, *in_loop], arrays, axes, per_array)
-    return PowerSums(restore(first), restore(second), exponent, needed)
-
-
-def _in_array_order(
-    group_order: list[int], arrays: Sequence[Array], axes: Sequence[Axes], per_array: bool, sums: list[Array]
-) -> list[Array]:
-    """Sums measured group by group (``group_order``: the arrays' indices in that order) back in the arrays' order:
-    a list of one buffer per array, or one vector of every array's sums."""
-    if per_array:
-        at = {index: position for position, index in enumerate(group_order)}
-        return [sums[at[i]] for i in range(len(arrays))]
-    vector = flat_values(sums)
-    if group_order == sorted(group_order):
-        return [vector]
-    counts = [math.prod(unit_shape(jnp.shape(arrays[i]), axes[i])) for i in group_order]
-    starts = dict(zip(group_order, np.cumsum([0, *counts]).tolist()))
-    ends = {i: starts[i] + n for i, n in zip(group_order, counts)}
-    return [vector[np.concatenate([np.arange(starts[i], ends[i]) for i in range(len(arrays))]).astype(np.int32)]]
+    first, second, exponent, needed = _xla.rare_second_pass(measure, plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT))
+    return PowerSums(first, second, exponent, needed)
 
 
 @_rescued_power_sums.defjvp
