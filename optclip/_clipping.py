@@ -515,7 +515,7 @@ def clip_by_value(
         norm = jax.lax.stop_gradient(_norms.leaf_norms_of(leaves, 2, extra_args).total().value())
         found = {"norm": norm, "threshold": high}
         if stats == "full":
-            after = jax.lax.stop_gradient(_norms.global_norm_parts(clipped, 2).value())
+            after = jax.lax.stop_gradient(_norms.global_norm_parts(clipped, 2, computed=True).value())
             outside = sum(jnp.sum((x < lo) | (x > hi), dtype=jnp.float32) for x, lo, hi in _bounds(leaves, low, high))
             found["scale"] = jnp.where(found["norm"] > 0, after / jnp.where(found["norm"] > 0, found["norm"], 1.0), 1.0)
             found["norm_after"] = after

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -193,8 +193,10 @@ class PowerSums(NamedTuple):
         return [self._pick(f, s, self.exponent, self.needed) for f, s in zip(self.first, self.second)]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _rescued_power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool) -> PowerSums:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _rescued_power_sums(
+    arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool, computed: bool
+) -> PowerSums:
     """Each array's power sums, read a second time on the rare step that needs it (see the module docstring).
 
     The second read scales every array by one power of two, the one the largest problem needs: where one sum
@@ -205,17 +207,48 @@ def _rescued_power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes
     ``per_array``: keep each array's sums in buffers of their own (what a per-leaf scale needs, see ``PowerSums``);
     otherwise one vector of all of them, which costs less to compile (one loop-carried buffer instead of two per
     array).
+
+    ``computed``: the arrays are computed in the step (the clamped values) rather than given to it. They all take
+    the one loop, whose reductions compute them as they read: a pass in the step would write them out first.
     """
 
-    def measure(scale: Array | float) -> list[Array]:
-        sums = _power_sums(arrays, ord, axes, scale)
-        return sums if per_array else [flat_values(sums)]
+    in_step = [] if computed else [i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)]
+    in_loop = [i for i in range(len(arrays)) if i not in set(in_step)]
+
+    def measuring(group: list[int]) -> Callable[[Array | float], list[Array]]:
+        def measure(scale: Array | float) -> list[Array]:
+            if not group:
+                return []
+            sums = _power_sums([arrays[i] for i in group], ord, [axes[i] for i in group], scale)
+            return sums if per_array else [flat_values(sums)]
+
+        return measure
 
     def plan(first: list[Array]) -> tuple[Array, Array]:
         return _needs_rescue(flat_values(first))
 
-    first, second, exponent, needed = _xla.rare_second_pass(measure, plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT))
-    return PowerSums(first, second, exponent, needed)
+    first, second, exponent, needed = _xla.rare_second_pass(
+        measuring(in_step), measuring(in_loop), plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
+    )
+    restore = functools.partial(_in_array_order, [*in_step, *in_loop], arrays, axes, per_array)
+    return PowerSums(restore(first), restore(second), exponent, needed)
+
+
+def _in_array_order(
+    group_order: list[int], arrays: Sequence[Array], axes: Sequence[Axes], per_array: bool, sums: list[Array]
+) -> list[Array]:
+    """Sums measured group by group (``group_order``: the arrays' indices in that order) back in the arrays' order:
+    a list of one buffer per array, or one vector of every array's sums."""
+    if per_array:
+        at = {index: position for position, index in enumerate(group_order)}
+        return [sums[at[i]] for i in range(len(arrays))]
+    vector = flat_values(sums)
+    if group_order == sorted(group_order):
+        return [vector]
+    counts = [math.prod(unit_shape(jnp.shape(arrays[i]), axes[i])) for i in group_order]
+    starts = dict(zip(group_order, np.cumsum([0, *counts]).tolist()))
+    ends = {i: starts[i] + n for i, n in zip(group_order, counts)}
+    return [vector[np.concatenate([np.arange(starts[i], ends[i]) for i in range(len(arrays))]).astype(np.int32)]]
 
 
 @_rescued_power_sums.defjvp
@@ -223,11 +256,12 @@ def _rescued_power_sums_jvp(
     ord: float,
     axes: Sequence[Axes],
     per_array: bool,
+    computed: bool,
     primals: tuple[Sequence[Array]],
     tangents: tuple[Sequence[Array]],
 ) -> tuple[PowerSums, PowerSums]:
     (arrays,), (directions,) = primals, tangents
-    sums = _rescued_power_sums(arrays, ord, axes, per_array)
+    sums = _rescued_power_sums(arrays, ord, axes, per_array, computed)
 
     def slopes(scale: Array) -> list[Array]:
         out = []
@@ -249,9 +283,11 @@ def _root(power_sum: Array, ord: float) -> Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, power_sum, 1.0)), power_sum)
 
 
-def _sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool) -> PowerSums:
+def _sums(
+    arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool, computed: bool = False
+) -> PowerSums:
     check_ord(ord)
-    return _rescued_power_sums(list(arrays), ord, tuple(axes), per_array)
+    return _rescued_power_sums(list(arrays), ord, tuple(axes), per_array, computed)
 
 
 def _maxima(arrays: Sequence[Array], axes: Sequence[Axes]) -> list[Array]:
@@ -275,16 +311,17 @@ def unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> lis
     return [NormParts(_root(s, ord), e) for s, e in _sums(arrays, ord, axes, True).per_array()]
 
 
-def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes]) -> NormParts:
+def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], *, computed: bool = False) -> NormParts:
     """``unit_norms`` as one vector, array after array, each array's units in C order: what a statistic or a
-    combined norm needs, at no per-array cost after the reductions."""
+    combined norm needs, at no per-array cost after the reductions. ``computed``: the arrays are computed in the
+    step rather than given to it (see ``_rescued_power_sums``)."""
     check_ord(ord)
     if not arrays:
         return NormParts(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
     if ord == math.inf:
         values = flat_values(_maxima(arrays, axes))
         return NormParts(values, jnp.zeros(values.shape, jnp.int32))
-    sums, exponents = _sums(arrays, ord, axes, False).flat()
+    sums, exponents = _sums(arrays, ord, axes, False, computed).flat()
     return NormParts(_root(sums, ord), exponents)
 
 
@@ -316,10 +353,11 @@ def combine(parts: NormParts, ord: float, axis: int | None = None) -> NormParts:
     return NormParts(total, jnp.squeeze(top, axis=axis) if axis is not None else top.reshape(()))
 
 
-def global_norm_parts(leaves: Sequence[Array], ord: float) -> NormParts:
-    """One norm over every entry of every leaf (torch ``clip_grad_norm_``'s ``total_norm``)."""
+def global_norm_parts(leaves: Sequence[Array], ord: float, *, computed: bool = False) -> NormParts:
+    """One norm over every entry of every leaf (torch ``clip_grad_norm_``'s ``total_norm``). ``computed``: the
+    leaves are computed in the step rather than given to it (see ``_rescued_power_sums``)."""
     check_ord(ord)
-    return LeafNorms(leaves, ord).total()
+    return combine(flat_unit_norms(leaves, ord, [None] * len(leaves), computed=computed), ord)
 
 
 def global_norm(tree: Any, ord: float = 2) -> Array:

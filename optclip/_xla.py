@@ -17,11 +17,15 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   XLA:CPU reduces smaller ones from a buffer of the powers it writes out first whatever the scale, and a tie would
   be one more kernel per leaf for nothing (test: ``test_small_leaves_are_reduced_from_a_written_buffer_anyway``).
 * ``rare_second_pass``: the norm rescue reads the gradients a second time only on the rare step that needs it. On
-  CPU a loop that runs its body once more when asked costs nothing and holds the reductions once (a ``lax.cond``
-  would compile every reduction a second time inside its branch). On GPU a loop or conditional reads its
-  predicate back to the host, a stream synchronisation per step, so there both passes are taken in the same read
-  (sibling reductions of one input fuse into one kernel) and the result is selected. Tests:
-  ``test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu``,
+  CPU, an array large enough for XLA:CPU's fast reductions (``fastest_unscaled``) is reduced in the step, unscaled,
+  and read again in a loop that runs only when asked: XLA:CPU reduces ``x * scale`` more slowly than ``x``. Smaller
+  arrays, arrays computed in the step (a pass of their own would write them out) and on TPU every array take both
+  passes in one loop whose body runs once more when asked, so their reductions are compiled once (each kernel
+  costs compile time, and XLA:CPU writes the powers of small arrays out before reducing them anyway); a
+  ``lax.cond`` would compile every reduction a second time inside its branch. On GPU a loop or
+  conditional reads its predicate back to the host, a stream synchronisation per step, so there both passes are
+  taken in the same read (sibling reductions of one input fuse into one kernel) and the result is selected. Tests:
+  ``test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu``, ``test_the_second_pass_stays_in_its_loop``,
   ``test_on_gpu_the_rescue_needs_no_host_round_trip``.
 * ``run_unless``: a guard's choice between running the optimizer and holding its state. On CPU and TPU a
   ``lax.cond`` whose true branch runs it (with the branches the other way round XLA:CPU copies a donated state into
@@ -66,32 +70,47 @@ def tied(scalar: Array, x: Array) -> Array:
     return scalar + zero
 
 
+def fastest_unscaled(x: Array) -> bool:
+    """Whether XLA:CPU reduces ``x`` fastest in the step itself, unscaled (see ``rare_second_pass``)."""
+    return x.size >= FAST_REDUCTION_MIN_SIZE
+
+
 def rare_second_pass(
-    measure: Callable[[Array | float], list[Array]],
+    in_step: Callable[[Array | float], list[Array]],
+    in_loop: Callable[[Array | float], list[Array]],
     plan: Callable[[list[Array]], tuple[Array, Array]],
     candidates: tuple[int, int],
 ) -> tuple[list[Array], list[Array], Array, Array]:
-    """``(first, second, exponent, needed)``: ``first = measure(1.0)``, ``(needed, exponent) = plan(first)``, and
-    where ``needed``, ``second = measure(2.0**-exponent)`` (``exponent`` is one of ``candidates``; else ``second`` is
-    unspecified). ``measure`` takes the power of two to scale its input by.
+    """``(first, second, exponent, needed)`` of two groups of arrays, each list ``in_step``'s then ``in_loop``'s:
+    ``first = measure(1.0)``, ``(needed, exponent) = plan(first)``, and where ``needed``, ``second =
+    measure(2.0**-exponent)`` (``exponent`` is one of ``candidates``; else ``second`` is unspecified). Each
+    ``measure`` takes the power of two to scale its input by (an empty group gives ``[]``).
 
-    On CPU and TPU a loop whose body is the one ``measure``, run a second time only when needed: its kernels are
-    compiled once and a step pays the second read only when it takes it. Elsewhere (GPU) ``measure`` at 1 and at
-    both candidates, each array read once for all three (XLA fuses sibling reductions of one input into one
-    kernel), so that no predicate leaves the device.
+    On CPU ``in_step``'s first pass is taken in the step, unscaled, and its second in a loop that runs only when
+    needed: XLA:CPU's fused reduction of ``x * scale`` is slower than of ``x`` (each operation per entry costs),
+    and the loop's reductions are compiled once more. ``in_loop``'s arrays (small ones, whose reductions cost
+    compile time per kernel: ``fastest_unscaled``; and arrays computed in the step, which the loop's reductions
+    compute as they read) take both passes in one loop whose body is their one
+    ``measure``, run a second time only when needed: compiled once, at the price of the scaling. On TPU every array
+    takes the one loop. Elsewhere (GPU) ``measure`` at 1 and at both candidates, each array read once for all three
+    (XLA fuses sibling reductions of one input into one kernel), so that no predicate leaves the device.
     """
     Carry = tuple[Array, Array, Array, Array, list[Array], list[Array]]  # passes, needed, exponent, scale, sums
 
-    def in_a_loop() -> tuple[list[Array], list[Array], Array, Array]:
+    def in_loops(
+        in_step: Callable[[Array | float], list[Array]], in_loop: Callable[[Array | float], list[Array]]
+    ) -> tuple[list[Array], list[Array], Array, Array]:
+        direct = in_step(1.0)
+
         def again(carry: Carry) -> Array:
             taken, needed = carry[0], carry[1]
             return (taken == 0) | ((taken == 1) & needed)
 
         def take(carry: Carry) -> Carry:
             taken, needed, exponent, scale, first, _ = carry
-            latest = measure(scale)
+            latest = in_loop(scale)
             first = [jnp.where(taken == 0, new, old) for new, old in zip(latest, first)]
-            planned_needed, planned_exponent = plan(first)
+            planned_needed, planned_exponent = plan(direct + first)
             # The scale of the second pass, computed once here rather than in every kernel that reads the arrays.
             next_scale = 2.0 ** -planned_exponent.astype(jnp.float32)
             keep = taken > 0
@@ -104,19 +123,43 @@ def rare_second_pass(
                 latest,
             )
 
-        shapes = jax.eval_shape(measure, 1.0)
-        empty = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-        start = (jnp.int32(0), jnp.bool_(False), jnp.int32(0), jnp.float32(1), empty, empty)
-        _, needed, exponent, _, first, second = jax.lax.while_loop(again, take, start)
-        return first, second, exponent, needed
+        shapes = jax.eval_shape(in_loop, 1.0)
+        if shapes:
+            empty = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+            start = (jnp.int32(0), jnp.bool_(False), jnp.int32(0), jnp.float32(1), empty, empty)
+            _, needed, exponent, _, first, second = jax.lax.while_loop(again, take, start)
+        else:
+            (needed, exponent), first, second = plan(direct), [], []
+        if not direct:
+            return first, second, exponent, needed
+
+        def again_direct(carry: tuple[Array, Array, list[Array]]) -> Array:
+            once: Array = needed & (carry[0] == 0)
+            return once
+
+        def take_direct(carry: tuple[Array, Array, list[Array]]) -> tuple[Array, Array, list[Array]]:
+            # The body's scale comes from the carry and changes: XLA moves the reductions of a loop invariant out
+            # of the loop, where they would run on every step (test: test_the_second_pass_stays_in_its_loop).
+            taken, scale, _ = carry
+            return taken + 1, jnp.where(taken == 0, scale, 1.0), in_step(scale)
+
+        start_direct = (jnp.int32(0), 2.0 ** -exponent.astype(jnp.float32), direct)
+        _, _, direct_second = jax.lax.while_loop(again_direct, take_direct, start_direct)
+        return direct + first, direct_second + second, exponent, needed
 
     def in_one_read() -> tuple[list[Array], list[Array], Array, Array]:
-        first, high, low = (measure(2.0**-e) for e in (0, *candidates))
+        first, high, low = ([*in_step(2.0**-e), *in_loop(2.0**-e)] for e in (0, *candidates))
         needed, exponent = plan(first)
         return first, [jnp.where(exponent == candidates[0], h, lo) for h, lo in zip(high, low)], exponent, needed
 
+    def nothing(scale: Array | float) -> list[Array]:
+        return []
+
+    def every(scale: Array | float) -> list[Array]:
+        return [*in_step(scale), *in_loop(scale)]
+
     chosen: tuple[list[Array], list[Array], Array, Array] = jax.lax.platform_dependent(
-        cpu=in_a_loop, tpu=in_a_loop, default=in_one_read
+        cpu=lambda: in_loops(in_step, in_loop), tpu=lambda: in_loops(nothing, every), default=in_one_read
     )
     return chosen
 

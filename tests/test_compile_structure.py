@@ -82,6 +82,14 @@ def test_the_norm_writes_no_leaf_sized_buffer(make):
     assert temp <= 0.01 * 4 * 1000 * 1000, temp
 
 
+def test_the_clamped_values_are_not_written_out_again_for_their_norm():
+    # clip_by_value(stats="full") measures the norm of the clamped values, arrays computed in the step: they take
+    # the rescue loop (``computed`` in optclip/_norms.py), as a pass in the step would write them out once more
+    # (3 parameter sizes of scratch here instead of 2).
+    param_bytes = 3 * 4 * 1000 * 1000
+    assert _temp_bytes(optclip.clip_by_value(1.0, stats="full"), (1000, 1000)) < 2.5 * param_bytes
+
+
 def _temp_bytes(tx: optax.GradientTransformation, shape: tuple[int, ...]) -> int:
     params = {f"w{i}": jnp.zeros(shape) for i in range(3)}
     return _compiled_step(optax.chain(tx, optax.adam(1e-3)), params).memory_analysis().temp_size_in_bytes

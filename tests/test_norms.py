@@ -8,7 +8,7 @@ from _lowering import lowered_text, runtime_control_flow
 from _reference import INF, as64, norm64
 
 import optclip
-from optclip import _norms
+from optclip import _norms, _xla
 
 ORDS = (1, 2, INF)
 F32_MAX = float(np.finfo(np.float32).max)
@@ -152,17 +152,18 @@ def _power_sum_eqns(jaxpr):
 
 @pytest.mark.parametrize("ord", (1, 2))
 def test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu(ord):
-    # Each array is reduced once, inside a loop body that runs a second time only on the rare step: no copy of the
-    # reductions sits in a conditional branch, which made the rescue cost about as much to compile as the rest.
+    # Small arrays are reduced once, inside a loop body that runs a second time only on the rare step: no copy of
+    # the reductions sits in a conditional branch, which made the rescue cost about as much to compile as the rest.
     tree = {"a": jnp.ones((4, 3)), "b": jnp.ones((5, 1)), "c": jnp.ones((2, 2, 2))}
     jaxpr = jax.make_jaxpr(lambda t: optclip.global_norm(t, ord))(tree).jaxpr
     loops = [e for e, _ in _eqns(jaxpr) if e.primitive.name == "while"]
-    assert len(loops) == 1
-    in_loop = [e for e, _ in _eqns(loops[0].params["body_jaxpr"].jaxpr) if e.primitive.name == "reduce_sum"]
-    assert sum(e.invars[0].aval.ndim > 1 for e in in_loop) == len(tree)  # one reduction per array, in the body
-    # Beside the loop, only the GPU form reads the arrays: three sibling reductions each (one read on GPU).
+    assert len(loops) == 2  # the CPU form's and the TPU form's (platform_dependent keeps both in the jaxpr)
+    for loop in loops:
+        in_loop = [e for e, _ in _eqns(loop.params["body_jaxpr"].jaxpr) if e.primitive.name == "reduce_sum"]
+        assert sum(e.invars[0].aval.ndim > 1 for e in in_loop) == len(tree)  # one reduction per array, in the body
+    # Beside the loops, only the GPU form reads the arrays: three sibling reductions each (one read on GPU).
     everywhere = [e for e, _ in _eqns(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim > 1]
-    assert len(everywhere) == len(tree) + 3 * len(tree)
+    assert len(everywhere) == 2 * len(tree) + 3 * len(tree)
     flow = runtime_control_flow(lowered_text(lambda t: optclip.global_norm(t, ord), tree, platform="cpu"))
     assert [kind.split()[0] for kind in flow] == ["while"]
 
@@ -211,6 +212,87 @@ def test_rescue_runs_only_when_a_sum_overflows_or_underflows(monkeypatch, ord):
     assert np.isfinite(_parts64(_norms.global_norm_parts([jnp.array([3e38, 3e38])], ord)))
     jax.effects_barrier()
     assert passes == [0, 80]
+
+
+def _in_step(x):
+    """``x``'s entries followed by zeros (the same norms) in an array large enough that its first pass is taken in
+    the step rather than in the rescue loop (``_xla.fastest_unscaled``)."""
+    size = _xla.FAST_REDUCTION_MIN_SIZE
+    padded = jnp.zeros(size, x.dtype).at[: x.size].set(jnp.ravel(x)).reshape(64, size // 64)
+    assert _xla.fastest_unscaled(padded)
+    return padded
+
+
+_MIXED = {
+    "normal": [np.array([3.0, -4.0, 0.5]), np.array([[1e-3, 2.0]]), np.array([7.0])],
+    "huge": [np.array([3e38, -1e38]), np.array([[2.5e38], [F32_MAX]]), np.array([1.0, 2.0])],
+    "tiny": [np.array([1.0, -0.5, 0.25]) * 1e-17, np.array([2.0, 1.0]) * 1e-17, np.array([3.0]) * 1e-17],
+    "vanishing": [np.array([1.0, -0.5, 0.25]) * 1e-30, np.array([2.0, 1.0]) * 1e-30, np.array([3.0]) * 1e-30],
+    "non-finite": [np.array([np.inf, 1.0]), np.array([2.0, 1.0]), np.array([3.0])],
+}
+
+
+@pytest.mark.parametrize("large", [(0,), (1,), (0, 2), (0, 1, 2)])
+@pytest.mark.parametrize("case", list(_MIXED))
+@pytest.mark.parametrize("ord", ORDS)
+def test_arrays_measured_in_the_step_keep_every_numeric_promise(ord, case, large):
+    # Large arrays take their first pass in the step and their rescue in a loop of their own; small ones both
+    # passes in the rescue loop. Either way, and mixed in any order, every norm is the float64 one.
+    values = [jnp.asarray(v, jnp.float32) for v in _MIXED[case]]
+    leaves = [_in_step(v) if i in large else v for i, v in enumerate(values)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = norm64([as64(x) for x in values], ord)
+        expected_leaves = [norm64([as64(x)], ord) for x in values]
+    np.testing.assert_allclose(_parts64(_norms.global_norm_parts(leaves, ord)), expected, rtol=1e-6)
+    if case != "vanishing" or len(large) == len(values):  # a leaf that vanished beside others reads 0 (documented)
+        np.testing.assert_allclose(_parts64(_leaf_norm_parts(leaves, ord)), expected_leaves, rtol=1e-6)
+    per_array = [_parts64(p).item() for p in _norms.unit_norms(leaves, ord, [None] * len(leaves))]
+    np.testing.assert_allclose(per_array, _parts64(_leaf_norm_parts(leaves, ord)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_unit_norms_of_a_large_kernel_beside_small_ones(ord):
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=(64, 128)).astype(np.float32)
+    kernel[:, 5] *= 1e38 / np.abs(kernel[:, 5]).max()  # one unit's sum of squares overflows float32
+    small = rng.normal(size=(3, 4)).astype(np.float32)
+    arrays = [jnp.asarray(small), jnp.asarray(kernel), jnp.asarray(small * 2)]
+    axes = [(0,), (0,), (0,)]
+    flat = _parts64(_norms.flat_unit_norms(arrays, ord, axes))
+    expected = np.concatenate([norm64([a.astype(np.float64)], ord, axis=0) for a in (small, kernel, small * 2)])
+    np.testing.assert_allclose(flat, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("ord", (1, 2))
+def test_a_large_array_is_read_once_in_the_step_unless_rescued(monkeypatch, ord):
+    passes = []
+    power_sums = _norms._power_sums
+
+    def counted(arrays, ord, axes, scale):
+        jax.debug.callback(lambda s: passes.append(-int(np.log2(s))), scale)
+        return power_sums(arrays, ord, axes, scale)
+
+    monkeypatch.setattr(_norms, "_power_sums", counted)
+    norm = jax.jit(lambda t: _norms.global_norm_parts(t, ord).value())
+    float(norm([_in_step(jnp.array([3.0, 4.0]))]))
+    jax.effects_barrier()
+    assert passes == [0]
+    passes.clear()
+    assert np.isfinite(_parts64(_norms.global_norm_parts([_in_step(jnp.array([3e38, 3e38]))], ord)))
+    jax.effects_barrier()
+    assert passes == [0, 80]
+
+
+@pytest.mark.parametrize("ord", (1, 2))
+def test_the_second_pass_stays_in_its_loop(ord):
+    # XLA moves loop-invariant work out of a loop: were the second pass's scale invariant, its reductions would run
+    # on every step beside the first pass's (``_xla.rare_second_pass`` changes the scale in the loop's body).
+    tree = {"a": jnp.ones((128, 64)), "b": jnp.ones((64, 128)), "c": jnp.ones((3, 2))}
+    hlo = jax.jit(lambda t: optclip.global_norm(t, ord)).lower(tree).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    assert hlo.count(" while(") == 2 and " while(" in entry  # the large arrays' second pass, the small arrays' loop
+    assert "while/body/reduce_sum" in hlo
+    assert "while/body/reduce_sum" not in entry
 
 
 def test_times_pow2_is_exact_where_one_power_would_not_be():
