@@ -90,10 +90,10 @@ def rare_second_pass(
     needed: XLA:CPU's fused reduction of ``x * scale`` is slower than of ``x`` (each operation per entry costs),
     and the loop's reductions are compiled once more. ``in_loop``'s arrays (small ones, whose reductions cost
     compile time per kernel: ``fastest_unscaled``; and arrays computed in the step, which the loop's reductions
-    compute as they read) take both passes in one loop whose body is their one
-    ``measure``, run a second time only when needed: compiled once, at the price of the scaling. On TPU every array
-    takes the one loop. Elsewhere (GPU) ``measure`` at 1 and at both candidates, each array read once for all three
-    (XLA fuses sibling reductions of one input into one kernel), so that no predicate leaves the device.
+    compute as they read) take both passes in one loop whose body is their one ``measure``, run a second time only
+    when needed: compiled once, at the price of the scaling. On TPU every array takes the one loop. Elsewhere (GPU)
+    ``measure`` at 1 and at both candidates, each array read once for all three (XLA fuses sibling reductions of one
+    input into one kernel), so that no predicate leaves the device.
     """
     Carry = tuple[Array, Array, Array, Array, list[Array], list[Array]]  # passes, needed, exponent, scale, sums
 
