@@ -193,27 +193,6 @@ def test_the_one_read_form_computes_what_the_loop_computes(monkeypatch, ord):
     np.testing.assert_allclose(on_cpu[1], norm64([np.array([3e38, 3e38]), np.array([1e-30])], ord), rtol=1e-6)
 
 
-@pytest.mark.parametrize("ord", (1, 2))
-def test_rescue_runs_only_when_a_sum_overflows_or_underflows(monkeypatch, ord):
-    passes = []
-    power_sums = _norms._power_sums
-
-    def counted(arrays, ord, axes, scale):
-        # Fires each time the pass executes (in the loop on CPU), with the exponent it reads at.
-        jax.debug.callback(lambda s: passes.append(-int(np.log2(s))), scale)
-        return power_sums(arrays, ord, axes, scale)
-
-    monkeypatch.setattr(_norms, "_power_sums", counted)
-    norm = jax.jit(lambda t: _norms.global_norm_parts(t, ord).value())
-    np.testing.assert_allclose(float(norm([jnp.array([3.0, 4.0])])), 7.0 if ord == 1 else 5.0, rtol=1e-6)
-    jax.effects_barrier()
-    assert passes == [0]
-    passes.clear()
-    assert np.isfinite(_parts64(_norms.global_norm_parts([jnp.array([3e38, 3e38])], ord)))
-    jax.effects_barrier()
-    assert passes == [0, 80]
-
-
 def _in_step(x):
     """``x``'s entries followed by zeros (the same norms) in an array large enough that its first pass is taken in
     the step rather than in the rescue loop (``_xla.fastest_unscaled``)."""
@@ -221,6 +200,31 @@ def _in_step(x):
     padded = jnp.zeros(size, x.dtype).at[: x.size].set(jnp.ravel(x)).reshape(64, size // 64)
     assert _xla.fastest_unscaled(padded)
     return padded
+
+
+@pytest.mark.parametrize("where", ["in_loop", "in_step"])
+@pytest.mark.parametrize("ord", (1, 2))
+def test_rescue_runs_only_when_a_sum_overflows_or_underflows(monkeypatch, ord, where):
+    # A small array takes both passes in the rescue loop; a large one its first pass in the step and its second in
+    # a loop of its own. Either way it is read once unless a sum overflowed or underflowed.
+    place = _in_step if where == "in_step" else (lambda x: x)
+    passes = []
+    power_sums = _norms._power_sums
+
+    def counted(arrays, ord, axes, scale):
+        # Fires each time the pass executes, with the exponent it reads at.
+        jax.debug.callback(lambda s: passes.append(-int(np.log2(s))), scale)
+        return power_sums(arrays, ord, axes, scale)
+
+    monkeypatch.setattr(_norms, "_power_sums", counted)
+    norm = jax.jit(lambda t: _norms.global_norm_parts(t, ord).value())
+    np.testing.assert_allclose(float(norm([place(jnp.array([3.0, 4.0]))])), 7.0 if ord == 1 else 5.0, rtol=1e-6)
+    jax.effects_barrier()
+    assert passes == [0]
+    passes.clear()
+    assert np.isfinite(_parts64(_norms.global_norm_parts([place(jnp.array([3e38, 3e38]))], ord)))
+    jax.effects_barrier()
+    assert passes == [0, 80]
 
 
 _MIXED = {
@@ -261,26 +265,6 @@ def test_unit_norms_of_a_large_kernel_beside_small_ones(ord):
     flat = _parts64(_norms.flat_unit_norms(arrays, ord, axes))
     expected = np.concatenate([norm64([a.astype(np.float64)], ord, axis=0) for a in (small, kernel, small * 2)])
     np.testing.assert_allclose(flat, expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("ord", (1, 2))
-def test_a_large_array_is_read_once_in_the_step_unless_rescued(monkeypatch, ord):
-    passes = []
-    power_sums = _norms._power_sums
-
-    def counted(arrays, ord, axes, scale):
-        jax.debug.callback(lambda s: passes.append(-int(np.log2(s))), scale)
-        return power_sums(arrays, ord, axes, scale)
-
-    monkeypatch.setattr(_norms, "_power_sums", counted)
-    norm = jax.jit(lambda t: _norms.global_norm_parts(t, ord).value())
-    float(norm([_in_step(jnp.array([3.0, 4.0]))]))
-    jax.effects_barrier()
-    assert passes == [0]
-    passes.clear()
-    assert np.isfinite(_parts64(_norms.global_norm_parts([_in_step(jnp.array([3e38, 3e38]))], ord)))
-    jax.effects_barrier()
-    assert passes == [0, 80]
 
 
 @pytest.mark.parametrize("ord", (1, 2))
