@@ -110,6 +110,27 @@ def test_small_leaves_are_reduced_from_a_written_buffer_anyway():
     [
         lambda: optclip.clip_by_global_norm(1.0),
         lambda: optclip.clip_by_leaf_norm(1.0),
+        lambda: optclip.clip_by_value(1.0),
+        lambda: optclip.skip_nonfinite(optax.identity()),
+    ],
+    ids=["global", "leaf", "value", "skip_nonfinite"],
+)
+def test_small_leaves_of_one_shape_are_reduced_in_one_kernel(make):
+    # Why ``_xla.reduced_in_stacks``: XLA:CPU compiles a reduction kernel per array it reduces, so a model of many
+    # small leaves paid compile time per leaf; stacked, same-shape small leaves are reduced together, and the
+    # number of reductions in the step does not grow with the number of leaves.
+    def reductions(num_leaves: int) -> int:
+        params = {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}
+        return len(re.findall(r" reduce\(", _compiled_step(optax.chain(make(), optax.adam(1e-3)), params).as_text()))
+
+    assert reductions(6) == reductions(3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optclip.clip_by_global_norm(1.0),
+        lambda: optclip.clip_by_leaf_norm(1.0),
         lambda: optclip.adagc(),
         lambda: optclip.adaptive_grad_clip(0.1),
     ],

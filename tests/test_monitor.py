@@ -375,7 +375,8 @@ def test_the_culprit_of_a_global_clip_is_its_largest_leaf_norm():
 
 
 def _reductions_over_leaves(tx, shape=(37, 11), leaves=4):
-    """Reductions whose input has the gradients' shape, anywhere in the optimized HLO (fusions, loop bodies)."""
+    """Leaves read by reductions, anywhere in the optimized HLO (fusions, loop bodies): a reduction whose input has
+    a leaf's shape reads one, one of a stack of ``k`` leaves (small leaves are reduced stacked) reads ``k``."""
     params = {f"w{i}": jnp.zeros(shape) for i in range(leaves)}
 
     def step(p, s, g):
@@ -383,7 +384,7 @@ def _reductions_over_leaves(tx, shape=(37, 11), leaves=4):
         return optax.apply_updates(p, updates), s
 
     hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
-    leaf = "f32[" + ",".join(map(str, shape)) + "]"
+    leaf = re.compile(r"f32\[(?:(\d+),)?" + ",".join(map(str, shape)) + r"\]")
     shapes, count = {}, 0
     for line in hlo.splitlines():
         found = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\((.*)$", line)
@@ -393,7 +394,8 @@ def _reductions_over_leaves(tx, shape=(37, 11), leaves=4):
         shapes[name] = result
         if opcode in ("reduce", "reduce-window"):
             operand = re.findall(r"%([\w.\-]+)", rest)[0]
-            count += shapes.get(operand, "").startswith(leaf)
+            read = leaf.match(shapes.get(operand, ""))
+            count += 0 if read is None else int(read.group(1) or 1)
     return count
 
 
