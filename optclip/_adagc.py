@@ -119,7 +119,8 @@ def adagc(
         leaf_scale = capped_ratio(parts, present_thresholds)
         multipliers = jnp.where(warming, global_scale.multipliers()[:, None], leaf_scale.multipliers())
         one = _xla.runtime_one(state.count)
-        clipped = [apply(x, _xla.computed_once(multipliers[:, i], one)) for i, x in enumerate(leaves)]
+        rows = _xla.segments(_xla.computed_once(multipliers, one), [1] * len(leaves))
+        clipped = [apply(x, row.reshape(3)) for x, row in zip(leaves, rows)]
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)

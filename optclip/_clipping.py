@@ -407,7 +407,8 @@ def clip_by_leaf_norm(
         # The formula once, over the vector of leaves; each leaf reads its row.
         scale = capped_ratio(measured, thresholds)
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        clipped = [apply(x, _xla.computed_once(multipliers[:, i], one)) for x, i in zip(leaves, present)]
+        rows = _xla.segments(_xla.computed_once(multipliers, one), [1] * size)
+        clipped = [apply(x, rows[i].reshape(3)) for x, i in zip(leaves, present)]
 
         seen = ~jnp.isnan(norms)
         basic = {
@@ -645,11 +646,8 @@ def adaptive_grad_clip(
         # The formula once, over the vector of units; each leaf reads its rows, shaped to broadcast against it.
         scale = capped_ratio(units, ratio * floor)
         multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        starts = np.cumsum([0, *counts]).tolist()
-        clipped = [
-            apply(x, _xla.computed_once(multipliers[:, start : start + n].reshape(3, *shape), one))
-            for x, start, n, shape in zip(grad_leaves, starts, counts, shapes)
-        ]
+        rows = _xla.segments(_xla.computed_once(multipliers, one), counts)
+        clipped = [apply(x, row.reshape(3, *shape)) for x, row, shape in zip(grad_leaves, rows, shapes)]
 
         ratios = units.value() / floor
         basic = {

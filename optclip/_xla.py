@@ -10,6 +10,10 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   copied this way; dividing by a 1 that XLA only learns at run time (an integer division for an integer) is exact
   and ends the chain in a small kernel of its own, which the update kernels read. Tests:
   ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``, ``test_the_scale_is_computed_once_not_per_entry``.
+* ``segments``: a scale per leaf (or per unit) is computed for every leaf at once, as a matrix, and each leaf reads
+  its own columns. XLA:CPU compiles each slice as a kernel of its own (the offsets differ), one per leaf. A variadic
+  reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel. Test:
+  ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
@@ -61,6 +65,35 @@ def runtime_one(count: Array) -> Array:
 def computed_once(x: Array, one: Array) -> Array:
     """``x`` unchanged, computed in a kernel of its own that every reader shares (see the module docstring)."""
     return jax.lax.div(x, jnp.broadcast_to(one.astype(x.dtype), jnp.shape(x)))
+
+
+# How many segments one kernel of ``segments`` hands out: one kernel for hundreds compiles more slowly than a few.
+SEGMENTS_PER_KERNEL = 64
+
+
+def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
+    """``matrix[:, s : s + n]`` for consecutive segments of the given ``lengths``, each a buffer of its own, from
+    one kernel per ``SEGMENTS_PER_KERNEL`` segments of one length (see the module docstring). Bit for bit but for
+    denormals, which are flushed to zero where the platform flushes them in arithmetic (XLA:CPU does)."""
+    found: list[Array] = []
+    start = 0
+    for length, run in itertools.groupby(lengths):
+        count = len(list(run))
+        for first in range(0, count, SEGMENTS_PER_KERNEL):
+            taken = min(SEGMENTS_PER_KERNEL, count - first)
+            block = matrix[:, start + first * length : start + (first + taken) * length]
+            found += _last_axis_entries(jnp.moveaxis(block.reshape(matrix.shape[0], taken, length), 1, -1))
+        start += count * length
+    return found
+
+
+def _last_axis_entries(x: Array) -> list[Array]:
+    """``[x[..., j] for j]`` from one variadic reduction over the last axis: entry ``j`` summed with every other one
+    read as -0.0, which adds nothing (not even to a zero)."""
+    position = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    alone = tuple(jnp.where(position == j, x, -0.0) for j in range(x.shape[-1]))
+    zeros = tuple(jnp.array(-0.0, x.dtype) for _ in alone)
+    return list(jax.lax.reduce(alone, zeros, lambda a, b: tuple(map(jax.lax.add, a, b)), (x.ndim - 1,)))
 
 
 # The smallest array XLA:CPU reduces with its fast kernels (found by compiling, see ``tied``'s tests).

@@ -10,6 +10,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -64,6 +65,42 @@ def test_update_kernels_are_shared_by_all_leaves_of_one_shape(make):
     few, many = (_leaf_kernel_bodies(optax.chain(make(), optax.adam(1e-3)), n) for n in (3, 6))
     assert few, "no leaf-shaped kernel found: the HLO text format changed, update the pattern"
     assert len(many) == len(few)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optclip.clip_by_leaf_norm(1.0),
+        lambda: optclip.clip_by_leaf_norm(optclip.ema()),
+        lambda: optclip.adagc(),
+        lambda: optclip.adaptive_grad_clip(0.1),
+    ],
+    ids=["leaf", "leaf_ema", "adagc", "agc"],
+)
+def test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf(make):
+    # Why ``_xla.columns``: each leaf reading its scale as a slice of the vector of every leaf's scale made one
+    # kernel per leaf (the slices' offsets differ), each compiled on its own: 12 more leaves added 12 kernels.
+    def distinct_kernels(num_leaves: int) -> int:
+        params = {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}
+        hlo = _compiled_step(optax.chain(make(), optax.adam(1e-3)), params).as_text()
+        return len(set(_normalised_computations(hlo).values()))
+
+    assert distinct_kernels(24) - distinct_kernels(12) <= 2
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_the_segments_are_handed_out_bit_for_bit(jit):
+    # Every value survives the sum with -0.0 unchanged: signed zeros, infinities, NaN; across kernels and lengths.
+    # (Not a denormal, which XLA:CPU flushes to zero in any arithmetic; a scale's multipliers are normal numbers.)
+    special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan, 1.2e-38, -3e38, 1.0], np.float32)
+    lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5)
+    matrix = np.arange(3 * sum(lengths), dtype=np.float32).reshape(3, sum(lengths))
+    matrix[:, : len(special)] = special
+    found = (jax.jit(_xla.segments, static_argnums=1) if jit else _xla.segments)(jnp.asarray(matrix), lengths)
+    starts = np.cumsum([0, *lengths])
+    assert [x.shape for x in found] == [(3, n) for n in lengths]
+    for segment, start, n in zip(found, starts, lengths):
+        np.testing.assert_array_equal(np.asarray(segment).view(np.int32), matrix[:, start : start + n].view(np.int32))
 
 
 @pytest.mark.parametrize(
