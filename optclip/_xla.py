@@ -68,7 +68,9 @@ def computed_once(x: Array, one: Array) -> Array:
 
 
 # How many segments one kernel of ``segments`` hands out: one kernel for hundreds compiles more slowly than a few.
+# It reads its whole block once per segment, so a block also holds at most BLOCK_ROW_ENTRIES entries of each row.
 SEGMENTS_PER_KERNEL = 64
+BLOCK_ROW_ENTRIES = 4096
 
 
 def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
@@ -79,8 +81,9 @@ def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
     start = 0
     for length, run in itertools.groupby(lengths):
         count = len(list(run))
-        for first in range(0, count, SEGMENTS_PER_KERNEL):
-            taken = min(SEGMENTS_PER_KERNEL, count - first)
+        per_kernel = max(1, min(SEGMENTS_PER_KERNEL, BLOCK_ROW_ENTRIES // max(length, 1)))
+        for first in range(0, count, per_kernel):
+            taken = min(per_kernel, count - first)
             block = matrix[:, start + first * length : start + (first + taken) * length]
             found += _last_axis_entries(jnp.moveaxis(block.reshape(matrix.shape[0], taken, length), 1, -1))
         start += count * length
@@ -90,6 +93,8 @@ def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
 def _last_axis_entries(x: Array) -> list[Array]:
     """``[x[..., j] for j]`` from one variadic reduction over the last axis: entry ``j`` summed with every other one
     read as -0.0, which adds nothing (not even to a zero)."""
+    if x.shape[-1] == 1:
+        return [x[..., 0]]
     position = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     alone = tuple(jnp.where(position == j, x, -0.0) for j in range(x.shape[-1]))
     zeros = tuple(jnp.array(-0.0, x.dtype) for _ in alone)

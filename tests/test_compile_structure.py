@@ -93,7 +93,7 @@ def test_the_segments_are_handed_out_bit_for_bit(jit):
     # Every value survives the sum with -0.0 unchanged: signed zeros, infinities, NaN; across kernels and lengths.
     # (Not a denormal, which XLA:CPU flushes to zero in any arithmetic; a scale's multipliers are normal numbers.)
     special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan, 1.2e-38, -3e38, 1.0], np.float32)
-    lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5)
+    lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5, 3000, 3000)
     matrix = np.arange(3 * sum(lengths), dtype=np.float32).reshape(3, sum(lengths))
     matrix[:, : len(special)] = special
     found = (jax.jit(_xla.segments, static_argnums=1) if jit else _xla.segments)(jnp.asarray(matrix), lengths)
