@@ -206,7 +206,7 @@ def _rescued_power_sums(
 
     ``per_array``: keep each array's sums in buffers of their own (what a per-leaf scale needs, see ``PowerSums``);
     otherwise one vector of all of them, which costs less to compile (one loop-carried buffer instead of two per
-    array, and small arrays of one shape reduced together: ``_xla.reduced_in_stacks``).
+    array, and small arrays of one shape reduced together: ``_xla.stacked``).
 
     ``computed``: the arrays are computed in the step (the clamped values) rather than given to it. They all take
     the one loop, whose reductions compute them as they read: a pass in the step would write them out first.
@@ -216,15 +216,18 @@ def _rescued_power_sums(
     in_loop = [i for i in range(len(arrays)) if i not in set(in_step)]
 
     def measuring(group: list[int]) -> Callable[[Array | float], list[Array]]:
+        members: Sequence[Array] = [arrays[i] for i in group]
+        member_axes: Sequence[Axes] = [axes[i] for i in group]
+        if not per_array:  # stacked once, outside the loop and branches that measure them
+            members, member_axes = _xla.stacked(
+                members, [_reduced_dims(x.ndim, axes[i]) for x, i in zip(members, group)]
+            )
+
         def measure(scale: Array | float) -> list[Array]:
             if not group:
                 return []
-            members, member_axes = [arrays[i] for i in group], [axes[i] for i in group]
-            if per_array:
-                return _power_sums(members, ord, member_axes, scale)
-            dims = [_reduced_dims(x.ndim, a) for x, a in zip(members, member_axes)]
-            stacked = _xla.reduced_in_stacks(lambda xs, ds: _power_sums(xs, ord, ds, scale), members, dims)
-            return [flat_values(stacked)]
+            sums = _power_sums(members, ord, member_axes, scale)
+            return sums if per_array else [flat_values(sums)]
 
         return measure
 

@@ -20,7 +20,7 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   ``test_the_norm_writes_no_leaf_sized_buffer``. Only for arrays of at least ``FAST_REDUCTION_MIN_SIZE`` entries:
   XLA:CPU reduces smaller ones from a buffer of the powers it writes out first whatever the scale, and a tie would
   be one more kernel per leaf for nothing (test: ``test_small_leaves_are_reduced_from_a_written_buffer_anyway``).
-* ``reduced_in_stacks``: XLA:CPU compiles one reduction kernel per array, and each kernel costs compile time (a
+* ``stacked``: XLA:CPU compiles one reduction kernel per array, and each kernel costs compile time (a
   model of 1000 small leaves compiles 1000 of them); it writes the powers of an array below
   ``FAST_REDUCTION_MIN_SIZE`` out before reducing them anyway. Consecutive small arrays of one shape are stacked
   (the one buffer written in place of their powers) and reduced in one kernel. Test:
@@ -114,29 +114,22 @@ def tied(scalar: Array, x: Array) -> Array:
     return scalar + zero
 
 
-def reduced_in_stacks(
-    reduce: Callable[[list[Array], list[tuple[int, ...]]], list[Array]],
-    arrays: Sequence[Array],
-    dims: Sequence[tuple[int, ...]],
-) -> list[Array]:
-    """``reduce(arrays, dims)`` (each array reduced over its ``dims``), with each run of consecutive arrays below
-    ``FAST_REDUCTION_MIN_SIZE`` entries of one shape, dtype and ``dims`` stacked and reduced as one array over its
-    ``dims`` shifted by one. The results, raveled and concatenated, are every array's reductions in order; fewer
-    results than arrays where runs were stacked (see the module docstring).
-    """
+def stacked(arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]) -> tuple[list[Array], list[tuple[int, ...]]]:
+    """``arrays`` with each run of consecutive arrays below ``FAST_REDUCTION_MIN_SIZE`` entries of one shape, dtype
+    and ``dims`` stacked into one, and the dims to reduce each over (a stack's ``dims`` shifted by one): each
+    array's reductions, raveled and concatenated in order, are those of ``arrays`` (see the module docstring)."""
 
     def run_of(item: tuple[Array, tuple[int, ...]]) -> object:
         x, d = item
         return (x.shape, x.dtype, d) if x.size < FAST_REDUCTION_MIN_SIZE else object()  # object(): a run of one
 
-    results = []
+    found: list[Array] = []
+    found_dims: list[tuple[int, ...]] = []
     for _, items in itertools.groupby(zip(arrays, dims), key=run_of):
         run, (reduced, *_) = zip(*items)
-        if len(run) == 1:
-            results += reduce(list(run), [reduced])
-        else:
-            results += reduce([jnp.stack(run)], [tuple(d + 1 for d in reduced)])
-    return results
+        found.append(run[0] if len(run) == 1 else jnp.stack(run))
+        found_dims.append(reduced if len(run) == 1 else tuple(d + 1 for d in reduced))
+    return found, found_dims
 
 
 def fastest_unscaled(x: Array) -> bool:

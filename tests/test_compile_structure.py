@@ -153,7 +153,7 @@ def test_small_leaves_are_reduced_from_a_written_buffer_anyway():
     ids=["global", "leaf", "value", "skip_nonfinite"],
 )
 def test_small_leaves_of_one_shape_are_reduced_in_one_kernel(make):
-    # Why ``_xla.reduced_in_stacks``: XLA:CPU compiles a reduction kernel per array it reduces, so a model of many
+    # Why ``_xla.stacked``: XLA:CPU compiles a reduction kernel per array it reduces, so a model of many
     # small leaves paid compile time per leaf; stacked, same-shape small leaves are reduced together, and the
     # number of reductions in the step does not grow with the number of leaves.
     def reductions(num_leaves: int) -> int:
