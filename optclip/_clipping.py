@@ -113,10 +113,14 @@ def capped_ratio(norm: NormParts, threshold: Array) -> Scale:
 
 def apply(x: Array, multipliers: Array) -> Array:
     """``x * min(1, threshold / norm)``, given the scale as ``Scale.multipliers``, in at least float32, returned in
-    ``x``'s dtype: three multiplications, so that the kernels that scale ``x`` do no more."""
+    ``x``'s dtype: three multiplications, so that the kernels that scale ``x`` do no more. In ``lax`` terms, with
+    no conversion to the dtype an array already has: this runs once per leaf, and tracing cost counts at 1000."""
     compute = jnp.promote_types(x.dtype, jnp.float32)
-    m = multipliers.astype(compute)
-    return (x.astype(compute) * m[0] * m[1] * m[2]).astype(x.dtype)
+    m = multipliers if multipliers.dtype == compute else multipliers.astype(compute)
+    scaled = x if x.dtype == compute else x.astype(compute)
+    for i in range(3):
+        scaled = scaled * jax.lax.index_in_dim(m, i, keepdims=False)
+    return scaled if scaled.dtype == x.dtype else scaled.astype(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------

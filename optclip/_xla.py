@@ -96,7 +96,8 @@ def _last_axis_entries(x: Array) -> list[Array]:
     if x.shape[-1] == 1:
         return [x[..., 0]]
     position = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    alone = tuple(jnp.where(position == j, x, -0.0) for j in range(x.shape[-1]))
+    negative_zero = jnp.full(x.shape, -0.0, x.dtype)
+    alone = tuple(jax.lax.select(position == j, x, negative_zero) for j in range(x.shape[-1]))
     zeros = tuple(jnp.array(-0.0, x.dtype) for _ in alone)
     return list(jax.lax.reduce(alone, zeros, lambda a, b: tuple(map(jax.lax.add, a, b)), (x.ndim - 1,)))
 
