@@ -75,8 +75,9 @@ BLOCK_ROW_ENTRIES = 4096
 
 def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
     """``matrix[:, s : s + n]`` for consecutive segments of the given ``lengths``, each a buffer of its own, from
-    one kernel per ``SEGMENTS_PER_KERNEL`` segments of one length (see the module docstring). Bit for bit but for
-    denormals, which are flushed to zero where the platform flushes them in arithmetic (XLA:CPU does)."""
+    one kernel per ``SEGMENTS_PER_KERNEL`` segments of one length (fewer for segments longer than
+    ``BLOCK_ROW_ENTRIES / SEGMENTS_PER_KERNEL``; see the module docstring). Bit for bit but for denormals, which are
+    flushed to zero where the platform flushes them in arithmetic (XLA:CPU does)."""
     found: list[Array] = []
     start = 0
     for length, run in itertools.groupby(lengths):
