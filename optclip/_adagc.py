@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optclip import _norms, _xla
+from optclip import _norms
 from optclip._adaptive import EMA
 from optclip._clipping import (
     ClipState,
@@ -23,6 +23,7 @@ from optclip._clipping import (
     clip_by_leaf_norm,
     leafwise_rule_metrics,
     leafwise_rule_update,
+    multipliers_per_leaf,
     next_count,
     norms_for_ord,
 )
@@ -118,9 +119,8 @@ def adagc(
         present_thresholds = thresholds[present]
         leaf_scale = capped_ratio(parts, present_thresholds)
         multipliers = jnp.where(warming, global_scale.multipliers()[:, None], leaf_scale.multipliers())
-        one = _xla.runtime_one(state.count)
-        rows = _xla.segments(_xla.computed_once(multipliers, one), [1] * len(leaves))
-        clipped = [apply(x, row.reshape(3)) for x, row in zip(leaves, rows)]
+        rows = multipliers_per_leaf(multipliers, state.count, [()] * len(leaves))
+        clipped = [apply(x, row) for x, row in zip(leaves, rows)]
 
         def pick(global_value: Any, leaf_value: Any) -> Any:
             return jnp.where(warming, global_value, leaf_value)

@@ -123,6 +123,14 @@ def apply(x: Array, multipliers: Array) -> Array:
     return scaled if scaled.dtype == x.dtype else scaled.astype(x.dtype)
 
 
+def multipliers_per_leaf(multipliers: Array, count: Array, shapes: Sequence[tuple[int, ...]]) -> list[Array]:
+    """``Scale.multipliers`` of a vector of units cut into each leaf's units, shaped ``(3, *shape)`` to broadcast
+    against the leaf (``shapes``: each leaf's units, ``()`` for one scale per leaf), each a buffer of its own computed
+    once (``_xla.computed_once``, ``_xla.segments``); ``count`` is the transform's step counter."""
+    rows = _xla.segments(_xla.computed_once(multipliers, _xla.runtime_one(count)), [math.prod(s) for s in shapes])
+    return [row.reshape(3, *shape) for row, shape in zip(rows, shapes)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # leaves
 
@@ -410,9 +418,8 @@ def clip_by_leaf_norm(
         thresholds, rule_state = leafwise_rule_update(rule, norms, state.rule_state, state.count)
         # The formula once, over the vector of leaves; each leaf reads its row.
         scale = capped_ratio(measured, thresholds)
-        multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        rows = _xla.segments(_xla.computed_once(multipliers, one), [1] * size)
-        clipped = [apply(x, rows[i].reshape(3)) for x, i in zip(leaves, present)]
+        rows = multipliers_per_leaf(scale.multipliers(), state.count, [()] * size)
+        clipped = [apply(x, rows[i]) for x, i in zip(leaves, present)]
 
         seen = ~jnp.isnan(norms)
         basic = {
@@ -649,9 +656,8 @@ def adaptive_grad_clip(
         floor = jnp.maximum(both.take(slice(sum(counts), None)).value(), non_negative(jnp.asarray(eps)))
         # The formula once, over the vector of units; each leaf reads its rows, shaped to broadcast against it.
         scale = capped_ratio(units, ratio * floor)
-        multipliers, one = scale.multipliers(), _xla.runtime_one(state.count)
-        rows = _xla.segments(_xla.computed_once(multipliers, one), counts)
-        clipped = [apply(x, row.reshape(3, *shape)) for x, row, shape in zip(grad_leaves, rows, shapes)]
+        rows = multipliers_per_leaf(scale.multipliers(), state.count, shapes)
+        clipped = [apply(x, row) for x, row in zip(grad_leaves, rows)]
 
         ratios = units.value() / floor
         basic = {

@@ -78,7 +78,7 @@ def test_update_kernels_are_shared_by_all_leaves_of_one_shape(make):
     ids=["leaf", "leaf_ema", "adagc", "agc"],
 )
 def test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf(make):
-    # Why ``_xla.columns``: each leaf reading its scale as a slice of the vector of every leaf's scale made one
+    # Why ``_xla.segments``: each leaf reading its scale as a slice of the vector of every leaf's scale made one
     # kernel per leaf (the slices' offsets differ), each compiled on its own: 12 more leaves added 12 kernels.
     def distinct_kernels(num_leaves: int) -> int:
         params = {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}
