@@ -12,8 +12,10 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   ``test_update_kernels_are_shared_by_all_leaves_of_one_shape``, ``test_the_scale_is_computed_once_not_per_entry``.
 * ``segments``: a scale per leaf (or per unit) is computed for every leaf at once, as a matrix, and each leaf reads
   its own columns. XLA:CPU compiles each slice as a kernel of its own (the offsets differ), one per leaf. A variadic
-  reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel. Test:
-  ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``.
+  reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel; more
+  segments than one kernel takes are first handed out as equal blocks, so that every block's kernel is the same
+  (compiled once). Tests: ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
+  ``test_the_segments_of_many_leaves_share_their_kernels``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
@@ -75,20 +77,35 @@ BLOCK_ROW_ENTRIES = 4096
 
 def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
     """``matrix[:, s : s + n]`` for consecutive segments of the given ``lengths``, each a buffer of its own, from
-    one kernel per ``SEGMENTS_PER_KERNEL`` segments of one length (fewer for segments longer than
+    kernels of ``SEGMENTS_PER_KERNEL`` segments of one length (fewer for segments longer than
     ``BLOCK_ROW_ENTRIES / SEGMENTS_PER_KERNEL``; see the module docstring). Bit for bit but for denormals, which are
     flushed to zero where the platform flushes them in arithmetic (XLA:CPU does)."""
     found: list[Array] = []
     start = 0
     for length, run in itertools.groupby(lengths):
         count = len(list(run))
-        per_kernel = max(1, min(SEGMENTS_PER_KERNEL, BLOCK_ROW_ENTRIES // max(length, 1)))
-        for first in range(0, count, per_kernel):
-            taken = min(per_kernel, count - first)
-            block = matrix[:, start + first * length : start + (first + taken) * length]
-            found += _last_axis_entries(jnp.moveaxis(block.reshape(matrix.shape[0], taken, length), 1, -1))
+        found += _run_segments(matrix[:, start : start + count * length], count, length)
         start += count * length
     return found
+
+
+def _run_segments(matrix: Array, count: int, length: int) -> list[Array]:
+    """``count`` segments of ``length`` columns of ``matrix`` (exactly its columns), as ``segments``. More than one
+    kernel's worth are first handed out as equal blocks (the last one padded), themselves segments: every block's
+    kernel is then the same, and XLA:CPU compiles it once (blocks too long to share a kernel are slices)."""
+    per_kernel = max(1, min(SEGMENTS_PER_KERNEL, BLOCK_ROW_ENTRIES // max(length, 1)))
+    if count == 1 or per_kernel == 1:
+        return [matrix[:, i * length : (i + 1) * length] for i in range(count)]
+    if count <= per_kernel:
+        return _last_axis_entries(jnp.moveaxis(matrix.reshape(matrix.shape[0], count, length), 1, -1))
+    blocks = -(-count // per_kernel)
+    padded = jnp.pad(matrix, ((0, 0), (0, (blocks * per_kernel - count) * length)))
+    found = [
+        segment
+        for block in _run_segments(padded, blocks, per_kernel * length)
+        for segment in _run_segments(block, per_kernel, length)
+    ]
+    return found[:count]
 
 
 def _last_axis_entries(x: Array) -> list[Array]:

@@ -88,14 +88,28 @@ def test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf(make):
     assert distinct_kernels(24) - distinct_kernels(12) <= 2
 
 
+def test_the_segments_of_many_leaves_share_their_kernels():
+    # Why ``_xla.segments`` hands out equal blocks first: each block's kernel read its block as a slice at its own
+    # offset, one distinct kernel per 64 segments; handed out as buffers, the blocks' kernels are one.
+    def distinct_kernels(count: int) -> int:
+        matrix = jax.ShapeDtypeStruct((3, count), jnp.float32)
+        hlo = jax.jit(lambda m: _xla.segments(m, [1] * count)).lower(matrix).compile().as_text()
+        return len(set(_normalised_computations(hlo).values()))
+
+    assert distinct_kernels(1000) <= distinct_kernels(130) + 1
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_the_segments_are_handed_out_bit_for_bit(jit):
-    # Every value survives the sum with -0.0 unchanged: signed zeros, infinities, NaN; across kernels and lengths.
+    # Every value survives the sum with -0.0 unchanged: signed zeros, infinities, NaN; across kernels and lengths,
+    # and through the blocks of a run longer than one kernel's (150 segments of 1).
     # (Not a denormal, which XLA:CPU flushes to zero in any arithmetic; a scale's multipliers are normal numbers.)
     special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan, 1.2e-38, -3e38, 1.0], np.float32)
     lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5, 3000, 3000)
     matrix = np.arange(3 * sum(lengths), dtype=np.float32).reshape(3, sum(lengths))
     matrix[:, : len(special)] = special
+    matrix[:, 13 + 60 : 13 + 60 + len(special)] = special  # across the first two blocks of the 150
+    matrix[:, 13 + 150 - len(special) : 13 + 150] = special  # the last, padded block
     found = (jax.jit(_xla.segments, static_argnums=1) if jit else _xla.segments)(jnp.asarray(matrix), lengths)
     starts = np.cumsum([0, *lengths])
     assert [x.shape for x in found] == [(3, n) for n in lengths]
