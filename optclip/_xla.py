@@ -13,8 +13,9 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
 * ``segments``: a scale per leaf (or per unit) is computed for every leaf at once, as a matrix, and each leaf reads
   its own columns. XLA:CPU compiles each slice as a kernel of its own (the offsets differ), one per leaf. A variadic
   reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel; more
-  segments than one kernel takes are first handed out as equal blocks, so that every block's kernel is the same
-  (compiled once). Tests: ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
+  segments than one kernel takes are first handed out as equal blocks (where blocks are short enough to be), so
+  that every block's kernel is the same (compiled once). Tests:
+  ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
   ``test_the_segments_of_many_leaves_share_their_kernels``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
@@ -92,20 +93,21 @@ def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
 def _run_segments(matrix: Array, count: int, length: int) -> list[Array]:
     """``count`` segments of ``length`` columns of ``matrix`` (exactly its columns), as ``segments``. More than one
     kernel's worth are first handed out as equal blocks (the last one padded), themselves segments: every block's
-    kernel is then the same, and XLA:CPU compiles it once (blocks too long to share a kernel are slices)."""
+    kernel is then the same, and XLA:CPU compiles it once. Blocks too long to be handed out together are slices."""
     per_kernel = max(1, min(SEGMENTS_PER_KERNEL, BLOCK_ROW_ENTRIES // max(length, 1)))
     if count == 1 or per_kernel == 1:
         return [matrix[:, i * length : (i + 1) * length] for i in range(count)]
     if count <= per_kernel:
         return _last_axis_entries(jnp.moveaxis(matrix.reshape(matrix.shape[0], count, length), 1, -1))
-    blocks = -(-count // per_kernel)
-    padded = jnp.pad(matrix, ((0, 0), (0, (blocks * per_kernel - count) * length)))
-    found = [
-        segment
-        for block in _run_segments(padded, blocks, per_kernel * length)
-        for segment in _run_segments(block, per_kernel, length)
-    ]
-    return found[:count]
+    width = per_kernel * length
+    if BLOCK_ROW_ENTRIES // width < 2:
+        first = range(0, count, per_kernel)
+        parts = [(matrix[:, i * length : i * length + width], min(per_kernel, count - i)) for i in first]
+    else:
+        blocks = -(-count // per_kernel)
+        padded = jnp.pad(matrix, ((0, 0), (0, blocks * width - count * length)))
+        parts = [(block, per_kernel) for block in _run_segments(padded, blocks, width)]
+    return [segment for block, taken in parts for segment in _run_segments(block, taken, length)][:count]
 
 
 def _last_axis_entries(x: Array) -> list[Array]:

@@ -102,10 +102,11 @@ def test_the_segments_of_many_leaves_share_their_kernels():
 @pytest.mark.parametrize("jit", [False, True])
 def test_the_segments_are_handed_out_bit_for_bit(jit):
     # Every value survives the sum with -0.0 unchanged: signed zeros, infinities, NaN; across kernels and lengths,
-    # and through the blocks of a run longer than one kernel's (150 segments of 1).
+    # through the blocks of a run longer than one kernel's (150 segments of 1), and blocks too long to be handed out
+    # together (3 of 1500: slices of 2 and 1).
     # (Not a denormal, which XLA:CPU flushes to zero in any arithmetic; a scale's multipliers are normal numbers.)
     special = np.array([-0.0, 0.0, np.inf, -np.inf, np.nan, 1.2e-38, -3e38, 1.0], np.float32)
-    lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5, 3000, 3000)
+    lengths = (1, 1, 3, 3, 3, 0, 2, *[1] * 150, 5, 3000, 3000, 1500, 1500, 1500)
     matrix = np.arange(3 * sum(lengths), dtype=np.float32).reshape(3, sum(lengths))
     matrix[:, : len(special)] = special
     matrix[:, 13 + 60 : 13 + 60 + len(special)] = special  # across the first two blocks of the 150
