@@ -101,8 +101,8 @@ def _run_segments(matrix: Array, count: int, length: int) -> list[Array]:
         return _last_axis_entries(jnp.moveaxis(matrix.reshape(matrix.shape[0], count, length), 1, -1))
     width = per_kernel * length
     if BLOCK_ROW_ENTRIES // width < 2:
-        first = range(0, count, per_kernel)
-        parts = [(matrix[:, i * length : i * length + width], min(per_kernel, count - i)) for i in first]
+        starts = range(0, count, per_kernel)
+        parts = [(matrix[:, i * length : i * length + width], min(per_kernel, count - i)) for i in starts]
     else:
         blocks = -(-count // per_kernel)
         padded = jnp.pad(matrix, ((0, 0), (0, blocks * width - count * length)))
@@ -116,9 +116,10 @@ def _last_axis_entries(x: Array) -> list[Array]:
     if x.shape[-1] == 1:
         return [x[..., 0]]
     position = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    negative_zero = jnp.full(x.shape, -0.0, x.dtype)
-    alone = tuple(jax.lax.select(position == j, x, negative_zero) for j in range(x.shape[-1]))
-    zeros = tuple(jnp.array(-0.0, x.dtype) for _ in alone)
+    negative_zero = jnp.array(-0.0, x.dtype)
+    everywhere = jnp.broadcast_to(negative_zero, x.shape)
+    alone = tuple(jax.lax.select(position == j, x, everywhere) for j in range(x.shape[-1]))
+    zeros = (negative_zero,) * len(alone)
     return list(jax.lax.reduce(alone, zeros, lambda a, b: tuple(map(jax.lax.add, a, b)), (x.ndim - 1,)))
 
 
