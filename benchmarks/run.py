@@ -10,6 +10,7 @@ For every parameter tree and every configuration this measures, in one process:
 * ``compiled.memory_analysis()``: temp bytes (scratch the step allocates) and output bytes;
 * the number of fusions in the optimized HLO (a proxy for compile time) and the passes over the parameter bytes
   that its top-level instructions make (``_hlo.py``: a load-independent measure of a bandwidth-bound step);
+* floors (``_floors.py``): the same step with each clip's fewest operations, shown beside the clip's step targets;
 * with PyTorch importable: ``torch.optim.Adam(foreach=True)`` alone and after ``clip_grad_norm_(foreach=True)`` or
   ``clip_grad_value_(foreach=True)`` on the same tree, same thread count, interleaved with the JAX rounds.
 
@@ -48,6 +49,7 @@ from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _floors
 import _hlo
 import _timing
 import _trees
@@ -149,7 +151,16 @@ CONFIGS: list[Config] = [
     Config("optclip.safety_stack", _safety_stack),
     Config("optclip.monitor+clip_by_global_norm", lambda t: _chain(
         optclip.monitor(), optclip.clip_by_global_norm(t.global_norm)), needs="monitor"),
+    Config("floor.clip_by_value", lambda t: _chain(_floors.value_with_norm(t.value))),
+    Config("floor.clip_by_global_norm", lambda t: _chain(_floors.global_norm(t.global_norm))),
+    Config("floor.clip_by_leaf_norm", lambda t: _chain(_floors.leaf_norm(t.leaf_norm))),
+    Config("floor.clip_by_leaf_norm(barrier)", lambda t: _chain(_floors.leaf_norm(t.leaf_norm, barrier=True))),
+    Config("floor.adaptive_grad_clip", lambda t: _chain(_floors.unit_wise(t.agc))),
+    Config("floor.adaptive_grad_clip(barrier)", lambda t: _chain(_floors.unit_wise(t.agc, barrier=True))),
+    Config("floor.safety_stack", lambda t: _floors.guarded_global_norm(t.global_norm, _adam())),
 ]
+# Each clip's floor (``_floors``), shown beside its step targets: how low the machine lets that clip's step go.
+FLOORS = {f"optclip.{c.name.removeprefix('floor.')}": c.name for c in CONFIGS if c.library == "floor"}
 # fmt: on
 
 
@@ -418,18 +429,22 @@ def judge(
     modes = sorted({donated for _, donated in step}, reverse=True) or [True]
     verdicts = []
 
-    def verdict(t: Target, where: str, measured: float | None, other: float | None) -> dict[str, Any]:
+    def verdict(
+        t: Target, where: str, measured: float | None, other: float | None, floor: float | None = None
+    ) -> dict[str, Any]:
         limit = None if (t.other is not None and other is None) else t.factor * (other or 0.0) + t.add
         passed = None if measured is None or limit is None else bool(measured <= limit)
         return {"target": t.describe(), "kind": t.kind, "where": where, "config": t.config, "measured": measured,
-                "limit": limit, "passed": passed}  # fmt: skip
+                "limit": limit, "passed": passed, "floor": floor}  # fmt: skip
 
     for t in targets:
         if t.kind == "step":
             for donated in modes:
                 mine, other = step.get((t.config, donated)), step.get((t.other, donated))
+                floor = step.get((FLOORS.get(t.config), donated))
                 where = f"{tree}, {'donated' if donated else 'not donated'}"
-                verdicts.append(verdict(t, where, mine and mine["ratio"], other and other["ratio"]))
+                verdicts.append(verdict(t, where, mine and mine["ratio"], other and other["ratio"],
+                                        floor and floor["ratio"]))  # fmt: skip
         elif t.kind == "temp":
             mine, base = step.get((t.config, True)), step.get((BASELINE, True))
             extra = None
@@ -526,12 +541,19 @@ def _grid(title: str, at: dict, trees: list[str], configs: list[str], key: str, 
 
 
 def _targets_table(targets: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Targets", "", "| config | target | where | measured | limit | |", "|---|---|---|---:|---:|---|"]
+    lines = [
+        "## Targets",
+        "",
+        "floor: the same step with the clip's fewest operations (`benchmarks/_floors.py`), in the same run.",
+        "",
+        "| config | target | where | measured | limit | floor | |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
     for t in targets:
         verdict = {True: "PASS", False: "MISS", None: "n/a"}[t["passed"]]
         lines.append(
             f"| {t['config']} | {t['target']} | {t['where']} | {_fmt_measured(t['measured'], t['limit'])} | "
-            f"{_fmt(t['limit'])} | {verdict} |"
+            f"{_fmt(t['limit'])} | {_fmt(t.get('floor'))} | {verdict} |"
         )
     return lines
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -164,6 +166,54 @@ def test_targets_pass_at_or_below_their_limit_and_miss_above_it(run):
     # A tree the rows do not hold, or a missing comparison, is not judged.
     assert all(t["passed"] is None for t in run.judge(targets[:4], rows, None, "another tree"))
     assert run.judge(targets[4:], rows, None, "T")[0]["passed"] is None
+
+
+def test_a_step_target_shows_its_clips_floor_from_the_same_rows(run):
+    target = run.Target("step", "optclip.clip_by_leaf_norm", 1.15)
+    rows = [_row("adam", 1.0), _row("optclip.clip_by_leaf_norm", 1.1), _row("floor.clip_by_leaf_norm", 1.05)]
+    assert run.FLOORS["optclip.clip_by_leaf_norm"] == "floor.clip_by_leaf_norm"
+    assert run.judge([target], rows, None, "T")[0]["floor"] == 1.05
+    assert run.judge([run.Target("step", "optclip.x", 1.1)], rows, None, "T")[0]["floor"] is None
+
+
+def test_each_floor_computes_the_clip_it_stands_for(run):
+    # A floor that computed something else would say nothing about how low the clip's step can go.
+    import optclip
+
+    tree = run._trees.synthetic(3000, 3)
+    th = run.thresholds(tree)
+    floors = run._floors
+    pairs = [
+        (floors.value_with_norm(th.value), optclip.clip_by_value(th.value)),
+        (floors.global_norm(th.global_norm), optclip.clip_by_global_norm(th.global_norm)),
+        (floors.leaf_norm(th.leaf_norm), optclip.clip_by_leaf_norm(th.leaf_norm)),
+        (floors.leaf_norm(th.leaf_norm, barrier=True), optclip.clip_by_leaf_norm(th.leaf_norm)),
+        (floors.unit_wise(th.agc), optclip.adaptive_grad_clip(th.agc)),
+        (floors.unit_wise(th.agc, barrier=True), optclip.adaptive_grad_clip(th.agc)),
+    ]
+    states = []
+    for floor, clip in pairs:
+        expected, state = clip.update(tree.grads, clip.init(tree.params), tree.params)
+        got, floor_state = floor.update(tree.grads, floor.init(tree.params), tree.params)
+        states.append((state, floor_state))
+        assert jax.tree.map(lambda a, b: bool(np.allclose(a, b, rtol=1e-5, atol=0)), got, expected) == jax.tree.map(
+            lambda _: True, expected
+        )
+        assert not jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), got, tree.grads))  # it clips
+    state, floor_state = states[0]  # the value floor keeps what the value clip records
+    norm = optclip.stats(state)["clip_by_value/norm"]
+    assert float(floor_state) == pytest.approx(float(norm), rel=1e-5)
+    # The stack's floor: the global clip and Adam where the norm is finite, nothing (state kept) where it is not.
+    floor = floors.guarded_global_norm(th.global_norm, optax.adam(1e-3))
+    stack = optclip.skip_nonfinite(optax.chain(optclip.clip_by_global_norm(th.global_norm), optax.adam(1e-3)))
+    got, floor_state = floor.update(tree.grads, floor.init(tree.params), tree.params)
+    expected, _ = stack.update(tree.grads, stack.init(tree.params), tree.params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    bad = jax.tree.map(lambda g: jnp.asarray(g).at[0, 0].set(np.nan), tree.grads)
+    held, held_state = floor.update(bad, floor_state, tree.params)
+    assert all(not np.any(x) for x in jax.tree.leaves(held))
+    assert jax.tree.all(jax.tree.map(np.array_equal, held_state, floor_state))
 
 
 def test_compile_mode_measures_each_config_in_a_fresh_process(run, tmp_path):
