@@ -27,6 +27,15 @@ def _sum_of_squares(x: jax.Array, axis: int | None = None) -> jax.Array:
     return jnp.sum(jnp.square(x), axis=axis, keepdims=axis is not None)
 
 
+def _global_norm(updates: Any) -> jax.Array:
+    return jnp.sqrt(sum(_sum_of_squares(g) for g in jax.tree.leaves(updates)))
+
+
+def _scaled_to(threshold: float, norm: jax.Array, updates: Any) -> Any:
+    """``g * min(1, c / ||g||)`` for every leaf, given the norm."""
+    return jax.tree.map(lambda g: g * jnp.minimum(1.0, threshold / norm), updates)
+
+
 def _tied(values: list[jax.Array], barrier: bool) -> jax.Array | float:
     """0, made to depend on every one of ``values`` where ``barrier``."""
     return sum(jnp.sum(v) for v in values) * 0 if barrier else 0.0
@@ -37,8 +46,7 @@ def value_with_norm(bound: float) -> optax.GradientTransformation:
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del state, params
-        norm = jnp.sqrt(sum(_sum_of_squares(g) for g in jax.tree.leaves(updates)))
-        return jax.tree.map(lambda g: jnp.clip(g, -bound, bound), updates), norm
+        return jax.tree.map(lambda g: jnp.clip(g, -bound, bound), updates), _global_norm(updates)
 
     return optax.GradientTransformation(lambda params: jnp.zeros((), jnp.float32), update)
 
@@ -48,8 +56,7 @@ def global_norm(threshold: float) -> optax.GradientTransformation:
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        norm = jnp.sqrt(sum(_sum_of_squares(g) for g in jax.tree.leaves(updates)))
-        return jax.tree.map(lambda g: g * jnp.minimum(1.0, threshold / norm), updates), state
+        return _scaled_to(threshold, _global_norm(updates), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -92,10 +99,10 @@ def guarded_global_norm(threshold: float, inner: optax.GradientTransformation) -
     updates, ``inner``'s state kept) by a ``lax.cond``, else clipped by the norm and handed to ``inner``."""
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        norm = jnp.sqrt(sum(_sum_of_squares(g) for g in jax.tree.leaves(updates)))
+        norm = _global_norm(updates)
 
         def run() -> tuple[Any, Any]:
-            return inner.update(jax.tree.map(lambda g: g * jnp.minimum(1.0, threshold / norm), updates), state, params)
+            return inner.update(_scaled_to(threshold, norm, updates), state, params)
 
         def hold() -> tuple[Any, Any]:
             return jax.tree.map(jnp.zeros_like, updates), state
