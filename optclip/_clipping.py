@@ -127,7 +127,7 @@ def multipliers_per_leaf(multipliers: Array, count: Array, shapes: Sequence[tupl
     """``Scale.multipliers`` of a vector of units cut into each leaf's units, shaped ``(3, *shape)`` to broadcast
     against the leaf (``shapes``: each leaf's units, ``()`` for one scale per leaf), each a buffer of its own computed
     once (``_xla.computed_once``, ``_xla.segments``); ``count`` is the transform's step counter."""
-    rows = _xla.segments(_xla.computed_once(multipliers, _xla.runtime_one(count)), [math.prod(s) for s in shapes])
+    rows = _xla.segments(multipliers, [math.prod(s) for s in shapes], _xla.runtime_one(count))
     return [row.reshape(3, *shape) for row, shape in zip(rows, shapes)]
 
 

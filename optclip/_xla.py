@@ -14,9 +14,12 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   its own columns. XLA:CPU compiles each slice as a kernel of its own (the offsets differ), one per leaf. A variadic
   reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel; more
   segments than one kernel takes are first handed out as equal blocks (where blocks are short enough to be), so
-  that every block's kernel is the same (compiled once). Tests:
-  ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
-  ``test_the_segments_of_many_leaves_share_their_kernels``.
+  that every block's kernel is the same (compiled once). A model's leaves alternate shapes (kernel, bias, kernel),
+  so segments of one length are handed out together wherever they sit (the columns put in order of length first, by
+  one gather); a segment too long to share a kernel is a slice computed once, so that the kernels that read it do
+  not differ by its offset. Tests: ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
+  ``test_the_segments_of_many_leaves_share_their_kernels``,
+  ``test_update_kernels_are_shared_when_leaves_of_other_shapes_sit_between``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
@@ -55,6 +58,7 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 T = TypeVar("T")
@@ -76,27 +80,37 @@ SEGMENTS_PER_KERNEL = 64
 BLOCK_ROW_ENTRIES = 4096
 
 
-def segments(matrix: Array, lengths: Sequence[int]) -> list[Array]:
+def segments(matrix: Array, lengths: Sequence[int], one: Array) -> list[Array]:
     """``matrix[:, s : s + n]`` for consecutive segments of the given ``lengths``, each a buffer of its own, from
     kernels of ``SEGMENTS_PER_KERNEL`` segments of one length (fewer for segments longer than
-    ``BLOCK_ROW_ENTRIES / SEGMENTS_PER_KERNEL``; see the module docstring). Bit for bit but for denormals, which are
-    flushed to zero where the platform flushes them in arithmetic (XLA:CPU does)."""
+    ``BLOCK_ROW_ENTRIES / SEGMENTS_PER_KERNEL``; see the module docstring). ``one``: ``runtime_one``. Bit for bit but
+    for denormals, which are flushed to zero where the platform flushes them in arithmetic (XLA:CPU does).
+
+    Segments of one length are handed out together wherever they sit: where lengths alternate (a kernel's units, a
+    bias's, the next kernel's), the columns are first put in order of length, in one gather computed once."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # stable: equal lengths keep their order
+    if order != sorted(order):
+        starts = np.cumsum([0, *lengths])
+        matrix = matrix[:, np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order]).astype(np.int32)]
+    matrix = computed_once(matrix, one)
     found: list[Array] = []
     start = 0
-    for length, run in itertools.groupby(lengths):
+    for length, run in itertools.groupby(lengths[i] for i in order):
         count = len(list(run))
-        found += _run_segments(matrix[:, start : start + count * length], count, length)
+        found += _run_segments(matrix[:, start : start + count * length], count, length, one)
         start += count * length
-    return found
+    at = {index: position for position, index in enumerate(order)}
+    return [found[at[i]] for i in range(len(lengths))]
 
 
-def _run_segments(matrix: Array, count: int, length: int) -> list[Array]:
+def _run_segments(matrix: Array, count: int, length: int, one: Array) -> list[Array]:
     """``count`` segments of ``length`` columns of ``matrix`` (exactly its columns), as ``segments``. More than one
     kernel's worth are first handed out as equal blocks (the last one padded), themselves segments: every block's
-    kernel is then the same, and XLA:CPU compiles it once. Blocks too long to be handed out together are slices."""
+    kernel is then the same, and XLA:CPU compiles it once. Segments too long to be handed out together are slices,
+    each computed once (a small kernel of its own), so that the kernels reading them do not differ by its offset."""
     per_kernel = max(1, min(SEGMENTS_PER_KERNEL, BLOCK_ROW_ENTRIES // max(length, 1)))
     if count == 1 or per_kernel == 1:
-        return [matrix[:, i * length : (i + 1) * length] for i in range(count)]
+        return [computed_once(matrix[:, i * length : (i + 1) * length], one) for i in range(count)]
     if count <= per_kernel:
         return _last_axis_entries(jnp.moveaxis(matrix.reshape(matrix.shape[0], count, length), 1, -1))
     width = per_kernel * length
@@ -106,8 +120,8 @@ def _run_segments(matrix: Array, count: int, length: int) -> list[Array]:
     else:
         blocks = -(-count // per_kernel)
         padded = jnp.pad(matrix, ((0, 0), (0, blocks * width - count * length)))
-        parts = [(block, per_kernel) for block in _run_segments(padded, blocks, width)]
-    return [segment for block, taken in parts for segment in _run_segments(block, taken, length)][:count]
+        parts = [(block, per_kernel) for block in _run_segments(padded, blocks, width, one)]
+    return [segment for block, taken in parts for segment in _run_segments(block, taken, length, one)][:count]
 
 
 def _last_axis_entries(x: Array) -> list[Array]:

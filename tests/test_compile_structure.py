@@ -41,8 +41,11 @@ def _compiled_step(tx: optax.GradientTransformation, params: dict) -> jax.stages
     return jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
 
 
-def _leaf_kernel_bodies(tx: optax.GradientTransformation, num_leaves: int) -> set[str]:
-    hlo = _compiled_step(tx, {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}).as_text()
+def _leaf_kernel_bodies(tx: optax.GradientTransformation, num_leaves: int, bias: bool = False) -> set[str]:
+    """The distinct kernels that write a leaf of SHAPE in a step over ``num_leaves`` such leaves (each with a bias of
+    SHAPE[-1:] beside it where ``bias``)."""
+    leaf = {"bias": jnp.zeros(SHAPE[-1:]), "kernel": jnp.zeros(SHAPE)} if bias else jnp.zeros(SHAPE)
+    hlo = _compiled_step(tx, {f"w{i:02d}": leaf for i in range(num_leaves)}).as_text()
     computations = _normalised_computations(hlo)
     entry = hlo[hlo.index("\nENTRY") :]
     leaf_shaped = rf"= f32\[{','.join(map(str, SHAPE))}\]\{{[^}}]*\}} fusion\([^\n]*calls=(%[\w.\-]+)"
@@ -65,6 +68,15 @@ def test_update_kernels_are_shared_by_all_leaves_of_one_shape(make):
     few, many = (_leaf_kernel_bodies(optax.chain(make(), optax.adam(1e-3)), n) for n in (3, 6))
     assert few, "no leaf-shaped kernel found: the HLO text format changed, update the pattern"
     assert len(many) == len(few)
+
+
+def test_update_kernels_are_shared_when_leaves_of_other_shapes_sit_between():
+    # A model's leaves alternate shapes (kernel, bias, kernel, ...), so AGC's leaves of one number of units do not
+    # sit side by side. ``_xla.segments`` hands out the leaves of one length together wherever they sit; handed out
+    # run by run, each leaf's rows were a slice at its own offset, fused into its update kernels: one distinct
+    # kernel per leaf, each compiled on its own.
+    tx = optax.chain(optclip.adaptive_grad_clip(0.1), optax.adam(1e-3))
+    assert len(_leaf_kernel_bodies(tx, 6, bias=True)) == len(_leaf_kernel_bodies(tx, 3, bias=True))
 
 
 @pytest.mark.parametrize(
@@ -93,7 +105,7 @@ def test_the_segments_of_many_leaves_share_their_kernels():
     # offset, one distinct kernel per 64 segments; handed out as buffers, the blocks' kernels are one.
     def distinct_kernels(count: int) -> int:
         matrix = jax.ShapeDtypeStruct((3, count), jnp.float32)
-        hlo = jax.jit(lambda m: _xla.segments(m, [1] * count)).lower(matrix).compile().as_text()
+        hlo = jax.jit(lambda m: _xla.segments(m, [1] * count, jnp.float32(1))).lower(matrix).compile().as_text()
         return len(set(_normalised_computations(hlo).values()))
 
     assert distinct_kernels(1000) <= distinct_kernels(130) + 1
@@ -111,7 +123,8 @@ def test_the_segments_are_handed_out_bit_for_bit(jit):
     matrix[:, : len(special)] = special
     matrix[:, 13 + 60 : 13 + 60 + len(special)] = special  # across the first two blocks of the 150
     matrix[:, 13 + 150 - len(special) : 13 + 150] = special  # the last, padded block
-    found = (jax.jit(_xla.segments, static_argnums=1) if jit else _xla.segments)(jnp.asarray(matrix), lengths)
+    hand_out = jax.jit(_xla.segments, static_argnums=1) if jit else _xla.segments
+    found = hand_out(jnp.asarray(matrix), lengths, jnp.float32(1))
     starts = np.cumsum([0, *lengths])
     assert [x.shape for x in found] == [(3, n) for n in lengths]
     for segment, start, n in zip(found, starts, lengths):
