@@ -65,6 +65,19 @@ def synthetic(num_params: int, num_leaves: int, seed: int = 0) -> Tree:
     return Tree(f"{_short(num_params)}/{num_leaves}", params, grads)
 
 
+def named(name: str, seed: int = 0) -> Tree:
+    """A tree by name: ``"<params>/<leaves>"`` (``synthetic``, e.g. ``1e6/1000``), ``"transformer<depth>"`` (e.g.
+    ``transformer12``: 198 leaves of mixed shapes, as a model has them) or ``"lstm"``."""
+    if name.startswith("transformer"):
+        return transformer(depth=int(name.removeprefix("transformer") or 4), seed=seed)
+    if name == "lstm":
+        return lstm(seed=seed)
+    if name.count("/") != 1:
+        raise ValueError(f"tree name {name!r}: expected <params>/<leaves> (1e6/1000), transformer<depth> or lstm")
+    params, leaves = name.split("/")
+    return synthetic(int(float(params)), int(leaves), seed)
+
+
 def _short(n: int) -> str:
     exponent = round(math.log10(n)) if n > 0 else 0
     return f"1e{exponent}" if n == 10**exponent else str(n)

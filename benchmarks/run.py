@@ -463,9 +463,8 @@ def judge(
 
 
 def compile_once(config: str, tree_name: str, seed: int = 0) -> dict[str, float]:
-    """Lower + compile ``config``'s donated step on ``tree_name`` ("<params>/<leaves>") in this process."""
-    params, leaves = tree_name.split("/")
-    tree = _trees.synthetic(int(float(params)), int(leaves), seed)
+    """Lower + compile ``config``'s donated step on ``tree_name`` (``_trees.named``) in this process."""
+    tree = _trees.named(tree_name, seed)
     make = next(c.make for c in CONFIGS if c.name == config)
     tx = make(thresholds(tree))
     state_params = jax.device_put(tree.params)
@@ -650,7 +649,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="measure compile time instead: every config with a compile target (and its optax equivalent) in fresh "
         "processes on --compile-tree, order reversed every round, median of --compile-rounds",
     )  # fmt: skip
-    parser.add_argument("--compile-tree", default=COMPILE_TREE, help="the tree of the --compile measurement")
+    parser.add_argument(
+        "--compile-tree",
+        default=COMPILE_TREE,
+        help="the tree of the --compile measurement: <params>/<leaves>, transformer<depth> or lstm",
+    )
     parser.add_argument("--compile-rounds", type=int, default=3, help="rounds of --compile")
     parser.add_argument("--compile-one", default=None, help=argparse.SUPPRESS)  # one fresh-process measurement
     parser.add_argument("--seed", type=int, default=0)

@@ -221,6 +221,18 @@ def test_compile_mode_measures_each_config_in_a_fresh_process(run, tmp_path):
         assert len(r["seconds"]) == 2 and all(s > 0 for s in r["seconds"]) and r["median_s"] > 0
 
 
+def test_a_compile_tree_is_named_by_its_size_or_its_model(run):
+    # --compile-tree takes a synthetic tree or a model's (whose leaves of mixed shapes alternate, as a model has them).
+    synthetic = run._trees.named("1e3/2")
+    assert [x.shape for x in jax.tree.leaves(synthetic.params)] == [x.shape for x in jax.tree.leaves(
+        run._trees.synthetic(1000, 2).params)]  # fmt: skip
+    model = run._trees.named("transformer1")
+    assert model.name == "Transformer 1x256"
+    assert len({x.shape for x in jax.tree.leaves(model.params)}) > 5
+    with pytest.raises(ValueError, match="'resnet'"):
+        run._trees.named("resnet")
+
+
 def test_quick_is_the_target_tree_alone(run):
     args = run.parse_args(["--quick"])
     assert (args.sizes, args.leaves, args.no_models) == ("1e7", "10", True)
