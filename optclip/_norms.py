@@ -149,6 +149,16 @@ def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale
     return sums
 
 
+@functools.partial(_xla.traced_once, static_argnames=("ord", "axes", "per_array", "constant"))
+def _measured(
+    arrays: list[Array], scale: Array | None, *, ord: float, axes: tuple[Axes, ...], per_array: bool, constant: float
+) -> list[Array]:
+    """``_power_sums`` at ``scale`` (``None``: at ``constant``), one buffer per array or (not ``per_array``) one
+    vector of all of them."""
+    sums = _power_sums(arrays, ord, axes, constant if scale is None else scale)
+    return sums if per_array else [flat_values(sums)]
+
+
 def _reduced_dims(ndim: int, axis: Axes) -> tuple[int, ...]:
     return tuple(range(ndim)) if axis is None else tuple(sorted({int(a) % ndim for a in np.atleast_1d(axis)}))
 
@@ -215,29 +225,36 @@ def _rescued_power_sums(
     in_step = [] if computed else [i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)]
     in_loop = [i for i in range(len(arrays)) if i not in set(in_step)]
 
-    def measuring(group: list[int]) -> Callable[[Array | float], list[Array]]:
+    def measuring(group: list[int]) -> tuple[Callable[[Array | float], list[Array]], list[int]]:
+        """The measurement of ``group``'s arrays and the order of the arrays its sums come out in."""
         members: Sequence[Array] = [arrays[i] for i in group]
         member_axes: Sequence[Axes] = [axes[i] for i in group]
+        order = group
         if not per_array:  # stacked once, outside the loop and branches that measure them
-            members, member_axes = _xla.stacked(
+            members, member_axes, positions = _xla.stacked(
                 members, [_reduced_dims(x.ndim, axes[i]) for x, i in zip(members, group)]
             )
+            order = [group[p] for p in positions]
 
         def measure(scale: Array | float) -> list[Array]:
             if not group:
                 return []
-            sums = _power_sums(members, ord, member_axes, scale)
-            return sums if per_array else [flat_values(sums)]
+            signature = {"ord": ord, "axes": tuple(member_axes), "per_array": per_array}
+            if isinstance(scale, float):
+                return _measured(list(members), None, constant=scale, **signature)
+            # Strongly typed: a weakly typed scale (a loop's carry may be) would be a signature of its own.
+            return _measured(list(members), jax.lax.convert_element_type(scale, jnp.float32), constant=1.0, **signature)
 
-        return measure
+        return measure, order
 
     def plan(first: list[Array]) -> tuple[Array, Array]:
         return _needs_rescue(flat_values(first))
 
+    (in_step_measure, in_step_order), (in_loop_measure, in_loop_order) = measuring(in_step), measuring(in_loop)
     first, second, exponent, needed = _xla.rare_second_pass(
-        measuring(in_step), measuring(in_loop), plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
+        in_step_measure, in_loop_measure, plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
     )
-    restore = functools.partial(_in_array_order, [*in_step, *in_loop], arrays, axes, per_array)
+    restore = functools.partial(_in_array_order, [*in_step_order, *in_loop_order], arrays, axes, per_array)
     return PowerSums(restore(first), restore(second), exponent, needed)
 
 

@@ -28,9 +28,10 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   be one more kernel per leaf for nothing (test: ``test_small_leaves_are_reduced_from_a_written_buffer_anyway``).
 * ``stacked``: XLA:CPU compiles one reduction kernel per array, and each kernel costs compile time (a
   model of 1000 small leaves compiles 1000 of them); it writes the powers of an array below
-  ``FAST_REDUCTION_MIN_SIZE`` out before reducing them anyway. Consecutive small arrays of one shape are stacked
-  (the one buffer written in place of their powers) and reduced in one kernel. Test:
-  ``test_small_leaves_of_one_shape_are_reduced_in_one_kernel``.
+  ``FAST_REDUCTION_MIN_SIZE`` out before reducing them anyway. Small arrays of one shape are stacked (the one
+  buffer written in place of their powers) and reduced in one kernel, wherever they sit in the tree (a model's
+  leaves alternate shapes: kernel, bias, scale); where each is reduced whole, arrays of one size are, raveled.
+  Test: ``test_small_leaves_of_one_shape_are_reduced_in_one_kernel``.
 * ``rare_second_pass``: the norm rescue reads the gradients a second time only on the rare step that needs it. On
   CPU, an array large enough for XLA:CPU's fast reductions (``fastest_unscaled``) is reduced in the step, unscaled,
   and read again in a loop that runs only when asked: XLA:CPU reduces ``x * scale`` more slowly than ``x``. Smaller
@@ -42,6 +43,11 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   taken in the same read (sibling reductions of one input fuse into one kernel) and the result is selected. Tests:
   ``test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu``, ``test_the_second_pass_stays_in_its_loop``,
   ``test_on_gpu_the_rescue_needs_no_host_round_trip``.
+* ``traced_once``: ``rare_second_pass`` builds the rescue for every platform (``lax.platform_dependent`` traces
+  each form), so a step calls the measurement of one group of arrays up to seven times (the forms, their loops, the
+  shapes of a loop's carry), each call tracing a few operations per array again. A nested ``jax.jit`` is traced
+  once per signature and lowered once per module (JAX caches both), and XLA inlines the call: the compiled
+  program is the same. Test: ``test_the_rescue_traces_each_measurement_once``.
 * ``run_unless``: a guard's choice between running the optimizer and holding its state. On CPU and TPU a
   ``lax.cond`` whose true branch runs it (with the branches the other way round XLA:CPU copies a donated state into
   and out of the conditional; a select over both results keeps the old and the new state alive, so the donated
@@ -150,22 +156,38 @@ def tied(scalar: Array, x: Array) -> Array:
     return scalar + zero
 
 
-def stacked(arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]) -> tuple[list[Array], list[tuple[int, ...]]]:
-    """``arrays`` with each run of consecutive arrays below ``FAST_REDUCTION_MIN_SIZE`` entries of one shape, dtype
-    and ``dims`` stacked into one, and the dims to reduce each over (a stack's ``dims`` shifted by one): each
-    array's reductions, raveled and concatenated in order, are those of ``arrays`` (see the module docstring)."""
-
-    def run_of(item: tuple[Array, tuple[int, ...]]) -> object:
-        x, d = item
-        return (x.shape, x.dtype, d) if x.size < FAST_REDUCTION_MIN_SIZE else object()  # object(): a run of one
-
+def stacked(
+    arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]
+) -> tuple[list[Array], list[tuple[int, ...]], list[int]]:
+    """``arrays`` with those below ``FAST_REDUCTION_MIN_SIZE`` entries stacked, wherever they sit, into one array per
+    (shape, dtype, ``dims``), or per (size, dtype) where ``dims`` is all of it (raveled first); the dims to reduce
+    each over; and the indices of ``arrays`` in the order that their reductions, raveled and concatenated, come out
+    (see the module docstring)."""
+    runs: dict[object, list[int]] = {}
+    for i, (x, d) in enumerate(zip(arrays, dims)):
+        whole = len(d) == x.ndim  # then only the size matters: the stack is of raveled arrays
+        key = (x.dtype, (x.size,) if whole else (x.shape, d)) if x.size < FAST_REDUCTION_MIN_SIZE else i
+        runs.setdefault(key, []).append(i)
     found: list[Array] = []
     found_dims: list[tuple[int, ...]] = []
-    for _, items in itertools.groupby(zip(arrays, dims), key=run_of):
-        run, (reduced, *_) = zip(*items)
-        found.append(run[0] if len(run) == 1 else jnp.stack(run))
-        found_dims.append(reduced if len(run) == 1 else tuple(d + 1 for d in reduced))
-    return found, found_dims
+    for run in runs.values():
+        x, reduced = arrays[run[0]], dims[run[0]]
+        if len(run) == 1:
+            found.append(x)
+            found_dims.append(reduced)
+        elif any(arrays[i].shape != x.shape for i in run):  # arrays of one size, reduced whole
+            found.append(jnp.stack([arrays[i].reshape(-1) for i in run]))
+            found_dims.append((1,))
+        else:
+            found.append(jnp.stack([arrays[i] for i in run]))
+            found_dims.append(tuple(d + 1 for d in reduced))
+    return found, found_dims, [i for run in runs.values() for i in run]
+
+
+def traced_once(fn: Callable[..., T], static_argnames: Sequence[str]) -> Callable[..., T]:
+    """``fn`` as a nested ``jax.jit`` (``static_argnames`` static): traced once per signature, lowered once per
+    module, inlined by XLA (see the module docstring)."""
+    return jax.jit(fn, static_argnames=static_argnames)
 
 
 def fastest_unscaled(x: Array) -> bool:

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import optclip
-from optclip import _xla
+from optclip import _norms, _xla
 
 SHAPE = (8, 8)
 
@@ -186,15 +186,35 @@ def test_small_leaves_are_reduced_from_a_written_buffer_anyway():
     ],
     ids=["global", "leaf", "value", "skip_nonfinite"],
 )
-def test_small_leaves_of_one_shape_are_reduced_in_one_kernel(make):
+@pytest.mark.parametrize("between", [(), ((64,), (5,))], ids=["alone", "others_between"])
+def test_small_leaves_of_one_shape_are_reduced_in_one_kernel(make, between):
     # Why ``_xla.stacked``: XLA:CPU compiles a reduction kernel per array it reduces, so a model of many
     # small leaves paid compile time per leaf; stacked, same-shape small leaves are reduced together, and the
-    # number of reductions in the step does not grow with the number of leaves.
+    # number of reductions in the step does not grow with the number of leaves. A model's leaves alternate shapes
+    # (kernel, bias, scale): leaves of one size are stacked wherever they sit, whatever their shapes.
     def reductions(num_leaves: int) -> int:
         params = {f"w{i:02d}": jnp.zeros(SHAPE) for i in range(num_leaves)}
+        params |= {f"w{i:02d}{k}": jnp.zeros(shape) for i in range(num_leaves) for k, shape in enumerate(between)}
         return len(re.findall(r" reduce\(", _compiled_step(optax.chain(make(), optax.adam(1e-3)), params).as_text()))
 
     assert reductions(6) == reductions(3)
+
+
+def test_the_rescue_traces_each_measurement_once(monkeypatch):
+    # Why ``_xla.traced_once``: every platform's form of the rescue is traced, and each form measures the same
+    # arrays, some of them several times (in the step, in a loop, for the loop's carry): a few operations per
+    # array each time. Odd shapes, so that no other test has traced these measurements already.
+    traced = []
+    power_sums = _norms._power_sums
+
+    def recording(arrays, ord, axes, scale):
+        traced.append((tuple(x.shape for x in arrays), scale if isinstance(scale, float) else "at run time"))
+        return power_sums(arrays, ord, axes, scale)
+
+    monkeypatch.setattr(_norms, "_power_sums", recording)
+    jax.jit(optclip.global_norm).lower({"large": jnp.ones((4099,)), "small": jnp.ones((7, 3))})
+    assert len({shapes for shapes, _ in traced}) == 2, traced  # one measurement in the step, one in the loop
+    assert len(traced) == len(set(traced)), traced
 
 
 @pytest.mark.parametrize(
