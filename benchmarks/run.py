@@ -225,9 +225,12 @@ def _targets() -> list[Target]:
 
 
 TARGETS = _targets()
+# Each compile target's two configurations, its floor where it has one (what the clip's fewest operations cost to
+# compile), and plain Adam.
 COMPILE_CONFIGS = sorted(
     {t.config for t in TARGETS if t.kind == "compile"}
     | {t.other for t in TARGETS if t.kind == "compile" and t.other}
+    | {FLOORS[t.config] for t in TARGETS if t.kind == "compile" and t.config in FLOORS}
     | {BASELINE}
 )
 
@@ -454,7 +457,10 @@ def judge(
             verdicts.append(verdict(t, f"{tree}, donated", extra, None))
         else:
             where = compile_rows[0]["tree"] if compile_rows else COMPILE_TREE
-            verdicts.append(verdict(t, f"{where}, fresh processes", compiled.get(t.config), compiled.get(t.other)))
+            floor = compiled.get(FLOORS.get(t.config, ""))
+            verdicts.append(
+                verdict(t, f"{where}, fresh processes", compiled.get(t.config), compiled.get(t.other), floor)
+            )
     return verdicts
 
 
@@ -699,7 +705,8 @@ def _write(result: dict[str, Any], out: Path, tag: str) -> None:
     for t in result["targets"]:
         verdict = {True: "PASS", False: "MISS", None: "n/a "}[t["passed"]]
         measured = _fmt_measured(t["measured"], t["limit"])
-        print(f"{verdict}  {t['config']:42s} {t['target']:62s} {t['where']:24s} {measured} (limit {_fmt(t['limit'])})")
+        limit = _fmt(t["limit"]) + (f", floor {_fmt(t['floor'])}" if t.get("floor") is not None else "")
+        print(f"{verdict}  {t['config']:42s} {t['target']:62s} {t['where']:24s} {measured} (limit {limit})")
     print(f"wrote {out / tag}.json and .md")
 
 

@@ -176,6 +176,18 @@ def test_a_step_target_shows_its_clips_floor_from_the_same_rows(run):
     assert run.judge([run.Target("step", "optclip.x", 1.1)], rows, None, "T")[0]["floor"] is None
 
 
+def test_a_compile_target_shows_its_clips_floor_compiled_beside_it(run):
+    # The floor's compile time says whether any clip that records what optclip's records could meet the target.
+    target = run.Target("compile", "optclip.clip_by_value", 0.0, "optax.clip", 1.25)
+    assert run.FLOORS["optclip.clip_by_value"] in run.COMPILE_CONFIGS
+    compile_rows = [
+        {"config": "optax.clip", "median_s": 2.0, "tree": "C"},
+        {"config": "optclip.clip_by_value", "median_s": 3.0},
+        {"config": "floor.clip_by_value", "median_s": 2.6},
+    ]
+    assert run.judge([target], [], compile_rows, "T")[0]["floor"] == 2.6
+
+
 def test_each_floor_computes_the_clip_it_stands_for(run):
     # A floor that computed something else would say nothing about how low the clip's step can go.
     import optclip
