@@ -457,7 +457,7 @@ def judge(
             verdicts.append(verdict(t, f"{tree}, donated", extra, None))
         else:
             where = compile_rows[0]["tree"] if compile_rows else COMPILE_TREE
-            floor = compiled.get(FLOORS.get(t.config, ""))
+            floor = compiled.get(FLOORS.get(t.config))
             verdicts.append(
                 verdict(t, f"{where}, fresh processes", compiled.get(t.config), compiled.get(t.other), floor)
             )
