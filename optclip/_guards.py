@@ -24,8 +24,8 @@ whose other branch hands back zeros and the old state. A select over the outputs
 costs more there: the consumer of the updates (``optax.apply_updates``) recomputes them from the old state, so XLA
 cannot update a donated state in place and copies it every step. On GPU a conditional reads its predicate back to
 the host every step (a stream synchronisation that stops the host from running ahead), so there ``inner`` always
-runs and its updates and state are selected. ``inner`` is traced once (``jax.make_jaxpr``) and the trace is
-replayed in each form, so nested guards do not multiply the tracing of the chain inside them.
+runs and its updates and state are selected. ``inner`` is traced once, as a nested jit that each form calls
+(``_xla.traced_once``), so neither the forms nor nested guards multiply the tracing of the chain inside them.
 
 The culprit: each guard records the leaf it blames for a skip as ``culprit``, a ``_stats.Culprit``: an int32 index
 into the leaves in ``jax.tree_util`` order (``None`` and ``optax.MaskedNode`` slots included; -1: none), with the
@@ -210,17 +210,10 @@ def _run_or_skip(
 
     if not isinstance(skip, jax.core.Tracer):  # eager, or a policy that never skips: nothing to compile
         return held(jax.eval_shape(run)) if bool(skip) else run()
-    # One trace of inner, replayed where each form needs it.
-    traced, shapes = jax.make_jaxpr(run, return_shape=True)()
-    structure = jax.tree.structure(shapes)
-
-    def again() -> tuple[optax.Updates, optax.OptState]:
-        replayed: tuple[optax.Updates, optax.OptState] = jax.tree.unflatten(
-            structure, jax.core.eval_jaxpr(traced.jaxpr, traced.consts)
-        )
-        return replayed
-
-    return _xla.run_unless(skip, again, lambda: held(shapes))
+    # One trace of inner for its shapes and every form that runs it.
+    traced_run = _xla.traced_once(run, ())
+    shapes = jax.eval_shape(traced_run)
+    return _xla.run_unless(skip, traced_run, lambda: held(shapes))
 
 
 class _Counters(NamedTuple):

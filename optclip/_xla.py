@@ -47,7 +47,9 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   each form), so a step calls the measurement of one group of arrays up to seven times (the forms, their loops, the
   shapes of a loop's carry), each call tracing a few operations per array again. A nested ``jax.jit`` is traced
   once per signature and lowered once per module (JAX caches both), and XLA inlines the call: the compiled
-  program is the same. Test: ``test_the_rescue_traces_each_measurement_once``.
+  program is the same. A guard's ``inner`` likewise: ``run_unless`` calls it in every form, and an enclosing
+  guard's forms call the guard. Tests: ``test_the_rescue_traces_each_measurement_once``,
+  ``test_a_guard_traces_the_transformation_inside_it_once``.
 * ``run_unless``: a guard's choice between running the optimizer and holding its state. On CPU and TPU a
   ``lax.cond`` whose true branch runs it (with the branches the other way round XLA:CPU copies a donated state into
   and out of the conditional; a select over both results keeps the old and the new state alive, so the donated
