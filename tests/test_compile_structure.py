@@ -218,12 +218,12 @@ def test_the_rescue_traces_each_measurement_once(monkeypatch):
     assert len(traced) == len(set(traced)), traced
 
 
-def _jaxprs_holding(jaxpr: jax.extend.core.Jaxpr, primitive: str, seen: dict[int, int] | None = None) -> int:
+def _jaxprs_holding(jaxpr: jax.extend.core.Jaxpr, primitive: str, seen: set[int] | None = None) -> int:
     """How many distinct jaxprs, ``jaxpr`` and those nested in it (one object counted once), hold ``primitive``."""
-    seen = {} if seen is None else seen
+    seen = set() if seen is None else seen
     if id(jaxpr) in seen:
         return 0
-    seen[id(jaxpr)] = 1
+    seen.add(id(jaxpr))
     found = int(any(eqn.primitive.name == primitive for eqn in jaxpr.eqns))
     for eqn in jaxpr.eqns:
         for value in eqn.params.values():
