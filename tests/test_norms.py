@@ -129,16 +129,6 @@ def test_non_finite_entries_propagate(ord):
     assert float(optclip.global_norm({"a": jnp.array([1.0, -jnp.inf]), "b": jnp.ones(2)}, ord)) == np.inf
 
 
-def _power_sum_eqns(jaxpr):
-    """Every reduction over a whole array (not over a vector of per-array sums), with whether it sits in a branch
-    or loop body, sub-jaxprs included."""
-    return [
-        (e.primitive.name, inside)
-        for e, inside in eqns(jaxpr)
-        if e.primitive.name.startswith("reduce_") and e.invars[0].aval.size > 1 and e.invars[0].aval.ndim > 1
-    ]
-
-
 @pytest.mark.parametrize("ord", (1, 2))
 def test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu(ord):
     # Small arrays are reduced once, inside a loop body that runs a second time only on the rare step: no copy of
