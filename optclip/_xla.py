@@ -165,25 +165,25 @@ def stacked(
     (shape, dtype, ``dims``), or per (size, dtype) where ``dims`` is all of it (raveled first); the dims to reduce
     each over; and the indices of ``arrays`` in the order that their reductions, raveled and concatenated, come out
     (see the module docstring)."""
-    runs: dict[object, list[int]] = {}
+    groups: dict[object, list[int]] = {}
     for i, (x, d) in enumerate(zip(arrays, dims)):
         whole = len(d) == x.ndim  # then only the size matters: the stack is of raveled arrays
         key = (x.dtype, (x.size,) if whole else (x.shape, d)) if x.size < FAST_REDUCTION_MIN_SIZE else i
-        runs.setdefault(key, []).append(i)
+        groups.setdefault(key, []).append(i)
     found: list[Array] = []
     found_dims: list[tuple[int, ...]] = []
-    for run in runs.values():
-        x, reduced = arrays[run[0]], dims[run[0]]
-        if len(run) == 1:
+    for group in groups.values():
+        x, reduced = arrays[group[0]], dims[group[0]]
+        if len(group) == 1:
             found.append(x)
             found_dims.append(reduced)
-        elif any(arrays[i].shape != x.shape for i in run):  # arrays of one size, reduced whole
-            found.append(jnp.stack([arrays[i].reshape(-1) for i in run]))
+        elif any(arrays[i].shape != x.shape for i in group):  # arrays of one size, reduced whole
+            found.append(jnp.stack([arrays[i].reshape(-1) for i in group]))
             found_dims.append((1,))
         else:
-            found.append(jnp.stack([arrays[i] for i in run]))
+            found.append(jnp.stack([arrays[i] for i in group]))
             found_dims.append(tuple(d + 1 for d in reduced))
-    return found, found_dims, [i for run in runs.values() for i in run]
+    return found, found_dims, [i for group in groups.values() for i in group]
 
 
 def traced_once(fn: Callable[..., T], static_argnames: Sequence[str]) -> Callable[..., T]:
