@@ -153,9 +153,11 @@ def tied(scalar: Array, x: Array) -> Array:
     """``scalar`` unchanged, as an operand of ``x``'s kernels alone (see the module docstring)."""
     if x.size < FAST_REDUCTION_MIN_SIZE:
         return scalar
-    first = jax.lax.stop_gradient(x.reshape(-1)[0])
-    zero = jnp.where(jnp.isfinite(first), first, 0).astype(scalar.dtype) * 0
-    return scalar + zero
+    # In lax primitives: this runs once per large array per trace, and a jnp operation is a nested jit to look up.
+    lax = jax.lax
+    first = lax.stop_gradient(lax.reshape(lax.slice(x, (0,) * x.ndim, (1,) * x.ndim), ()))
+    finite = lax.select(lax.is_finite(first), first, lax.full((), 0, first.dtype))
+    return lax.add(scalar, lax.mul(lax.convert_element_type(finite, scalar.dtype), lax.full((), 0, scalar.dtype)))
 
 
 def stacked(
