@@ -272,7 +272,10 @@ def rare_second_pass(
         return direct + first, direct_second + second, exponent, needed
 
     def in_one_read() -> tuple[list[Array], list[Array], Array, Array]:
-        first, high, low = ([*in_step(2.0**-e), *in_loop(2.0**-e)] for e in (0, *candidates))
+        # Scales given as arrays, not numbers: the measurements the loops traced already (``traced_once``).
+        high_scale, low_scale = (jnp.float32(2.0**-e) for e in candidates)
+        first = [*in_step(1.0), *in_loop(jnp.float32(1.0))]
+        high, low = ([*in_step(scale), *in_loop(scale)] for scale in (high_scale, low_scale))
         needed, exponent = plan(first)
         return first, [jnp.where(exponent == candidates[0], h, lo) for h, lo in zip(high, low)], exponent, needed
 
