@@ -168,6 +168,26 @@ def test_targets_pass_at_or_below_their_limit_and_miss_above_it(run):
     assert run.judge(targets[4:], rows, None, "T")[0]["passed"] is None
 
 
+def test_the_targets_are_judged_again_on_a_models_tree_where_it_ran(run):
+    def rows(tree, agc_ratio, agc_temp):
+        base = {"tree": tree, "donated": True, "param_bytes": 100}
+        return [
+            {**base, "config": "adam", "ratio": 1.0, "temp_bytes": 0},
+            {**base, "config": "optax.adaptive_grad_clip", "ratio": 1.3, "temp_bytes": 1},
+            {**base, "config": "optclip.adaptive_grad_clip", "ratio": agc_ratio, "temp_bytes": agc_temp},
+        ]
+
+    def agc(verdicts, tree):
+        return {v["kind"]: v["passed"] for v in verdicts
+                if v["config"] == "optclip.adaptive_grad_clip" and v["where"].startswith(tree)}  # fmt: skip
+
+    on_target_tree = rows(run.TARGET_TREE, 1.2, 1)
+    both = run.judged_targets(on_target_tree + rows(run.MODEL_TREE, 1.8, 15), run.TARGET_TREE)
+    assert agc(both, run.TARGET_TREE) == {"step": True, "temp": True}
+    assert agc(both, run.MODEL_TREE) == {"step": False, "temp": False}
+    assert agc(run.judged_targets(on_target_tree, run.TARGET_TREE), run.MODEL_TREE) == {}
+
+
 def test_a_step_target_shows_its_clips_floor_from_the_same_rows(run):
     target = run.Target("step", "optclip.clip_by_leaf_norm", 1.15)
     rows = [_row("adam", 1.0), _row("optclip.clip_by_leaf_norm", 1.1), _row("floor.clip_by_leaf_norm", 1.05)]
