@@ -21,7 +21,8 @@ equivalent) lowered and compiled in a fresh process, the order reversed every ro
 in-process compile times above depend on what the process compiled before.
 
 It writes ``<out>/<tag>.json`` and ``<out>/<tag>.md`` and prints PASS/MISS for every target of the lean-core issue
-(``TARGETS``). The device is JAX's default one, so the same command measures a GPU where JAX has one.
+(``TARGETS``; step and memory on the target tree, and again on ``MODEL_TREE`` where the run timed it). The device is
+JAX's default one, so the same command measures a GPU where JAX has one.
 
     python benchmarks/run.py --quick        # the 1e7-parameter, 10-leaf tree only, donated and not
     python benchmarks/run.py                # the full grid (1e5/1e6/1e7 params x 10/100/1000 leaves, LSTM, transformer)
