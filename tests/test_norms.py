@@ -69,7 +69,7 @@ def test_low_precision_norms_accumulate_in_float32(dtype):
     # Every reduction over the gradient reads it as float32, on the common path and in the rescue alike.
     for ord in ORDS:
         jaxpr = jax.make_jaxpr(lambda t, ord=ord: optclip.global_norm(t, ord))({"x": x}).jaxpr
-        reductions = [e for e, _ in eqns(jaxpr) if e.primitive.name.startswith("reduce_") and e.invars[0].aval.size > 1]
+        reductions = [e for e in eqns(jaxpr) if e.primitive.name.startswith("reduce_") and e.invars[0].aval.size > 1]
         assert reductions, ord
         assert all(e.invars[0].aval.dtype == jnp.float32 for e in reductions), ord
 
@@ -135,13 +135,13 @@ def test_the_rescue_is_a_second_pass_of_the_same_reductions_on_cpu(ord):
     # the reductions sits in a conditional branch, which made the rescue cost about as much to compile as the rest.
     tree = {"a": jnp.ones((4, 3)), "b": jnp.ones((5, 1)), "c": jnp.ones((2, 2, 2))}
     jaxpr = jax.make_jaxpr(lambda t: optclip.global_norm(t, ord))(tree).jaxpr
-    loops = [e for e, _ in eqns(jaxpr) if e.primitive.name == "while"]
+    loops = [e for e in eqns(jaxpr) if e.primitive.name == "while"]
     assert len(loops) == 2  # the CPU form's and the TPU form's (platform_dependent keeps both in the jaxpr)
     for loop in loops:
-        in_loop = [e for e, _ in eqns(loop.params["body_jaxpr"].jaxpr) if e.primitive.name == "reduce_sum"]
+        in_loop = [e for e in eqns(loop.params["body_jaxpr"].jaxpr) if e.primitive.name == "reduce_sum"]
         assert sum(e.invars[0].aval.ndim > 1 for e in in_loop) == len(tree)  # one reduction per array, in the body
     # Beside the loops, only the GPU form reads the arrays: three sibling reductions each (one read on GPU).
-    everywhere = [e for e, _ in eqns(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim > 1]
+    everywhere = [e for e in eqns(jaxpr) if e.primitive.name == "reduce_sum" and e.invars[0].aval.ndim > 1]
     assert len(everywhere) == 2 * len(tree) + 3 * len(tree)
     flow = runtime_control_flow(lowered_text(lambda t: optclip.global_norm(t, ord), tree, platform="cpu"))
     assert [kind.split()[0] for kind in flow] == ["while"]
