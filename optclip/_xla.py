@@ -272,7 +272,8 @@ def rare_second_pass(
         return direct + first, direct_second + second, exponent, needed
 
     def in_one_read() -> tuple[list[Array], list[Array], Array, Array]:
-        # Scales given as arrays, not numbers: the measurements the loops traced already (``traced_once``).
+        # The measurements the CPU form traced already (``traced_once``): ``in_step`` unscaled at the number 1, as the
+        # step's first pass; every other scale an array, as the loops' run-time scale.
         high_scale, low_scale = (jnp.float32(2.0**-e) for e in candidates)
         first = [*in_step(1.0), *in_loop(jnp.float32(1.0))]
         high, low = ([*in_step(scale), *in_loop(scale)] for scale in (high_scale, low_scale))
