@@ -648,16 +648,15 @@ def adaptive_grad_clip(
         grad_leaves = [slots.values[i] for i in slots.present]
         param_leaves = [param_slots[i] for i in slots.present]
         axes = [_unit_axes(axis, jnp.shape(p)) for p in param_leaves]
-        # Gradients and weights in one measurement (one rescue loop for both), as one vector of every unit.
-        both = _norms.flat_unit_norms([*grad_leaves, *param_leaves], 2, [*axes, *axes])
-        shapes = [_norms.unit_shape(jnp.shape(x), a) for x, a in zip(grad_leaves, axes)]
-        counts = [math.prod(shape) for shape in shapes]
-        units = both.take(slice(0, sum(counts)))
-        floor = jnp.maximum(both.take(slice(sum(counts), None)).value(), non_negative(jnp.asarray(eps)))
+        # Gradients and weights in one measurement (one rescue loop for both), each as one vector of units whose
+        # entries pair up: the leaves come in ``order``.
+        units, weights, order = _norms.paired_unit_norms(grad_leaves, param_leaves, 2, axes)
+        shapes = [_norms.unit_shape(jnp.shape(grad_leaves[i]), axes[i]) for i in order]
+        floor = jnp.maximum(weights.value(), non_negative(jnp.asarray(eps)))
         # The formula once, over the vector of units; each leaf reads its rows, shaped to broadcast against it.
         scale = capped_ratio(units, ratio * floor)
-        rows = multipliers_per_leaf(scale.multipliers(), state.count, shapes)
-        clipped = [apply(x, row) for x, row in zip(grad_leaves, rows)]
+        rows = dict(zip(order, multipliers_per_leaf(scale.multipliers(), state.count, shapes)))
+        clipped = [apply(x, rows[i]) for i, x in enumerate(grad_leaves)]
 
         ratios = units.value() / floor
         basic = {
@@ -670,11 +669,11 @@ def adaptive_grad_clip(
         per_leaf = {}
         if stats == "full":  # each leaf's largest ratio and fraction of units clipped
             size = len(slots.values)
-            leaf_of_unit = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-            largest = jax.ops.segment_max(ratios, leaf_of_unit, len(counts), indices_are_sorted=True)
-            fractions = jax.ops.segment_sum(scale.clipped.astype(jnp.float32), leaf_of_unit, len(counts)) / np.maximum(
-                np.asarray(counts, np.float32), 1
-            )
+            counts = [math.prod(shape) for shape in shapes]
+            leaf_of_unit = np.repeat(np.asarray(order, np.int32), counts)
+            largest = jax.ops.segment_max(ratios, leaf_of_unit, len(order))
+            clipped_units = jax.ops.segment_sum(scale.clipped.astype(jnp.float32), leaf_of_unit, len(order))
+            fractions = clipped_units / np.maximum(np.asarray(counts, np.float32)[np.argsort(order)], 1)
             per_leaf = {
                 "norm": spread(jnp.maximum(largest, 0.0), size, slots.present),
                 "clipped": spread(fractions, size, slots.present),

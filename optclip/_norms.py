@@ -203,9 +203,27 @@ class PowerSums(NamedTuple):
         return [self._pick(f, s, self.exponent, self.needed) for f, s in zip(self.first, self.second)]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _measurement_groups(
+    arrays: Sequence[Array], axes: Sequence[Axes], per_array: bool, computed: bool
+) -> tuple[list[int], list[int]]:
+    """The indices of the arrays measured in the step and of those measured in the loop (``_xla.rare_second_pass``),
+    each in the order their sums come out: by unit count (then as given), and unless ``per_array`` in the groups
+    ``_xla.stacked`` reduces together. By unit count, so that the units of arrays of one count sit together, as
+    ``_xla.segments`` hands values out (``paired_unit_norms``)."""
+    counts = [math.prod(unit_shape(jnp.shape(x), a)) for x, a in zip(arrays, axes)]
+    large = set() if computed else {i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)}
+    in_step = sorted(large, key=lambda i: (counts[i], i))
+    in_loop = sorted((i for i in range(len(arrays)) if i not in large), key=lambda i: (counts[i], i))
+    if not per_array:  # each group's sums come out together
+        dims = [_reduced_dims(arrays[i].ndim, axes[i]) for i in in_loop]
+        groups = _xla.stacking_groups([arrays[i] for i in in_loop], dims)
+        in_loop = [in_loop[p] for group in groups for p in group]
+    return in_step, in_loop
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4, 5))
 def _rescued_power_sums(
-    arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool, computed: bool
+    arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool, computed: bool, as_measured: bool
 ) -> PowerSums:
     """Each array's power sums, read a second time on the rare step that needs it (see the module docstring).
 
@@ -220,21 +238,21 @@ def _rescued_power_sums(
 
     ``computed``: the arrays are computed in the step (the clamped values) rather than given to it. They all take
     the one loop, whose reductions compute them as they read: a pass in the step would write them out first.
+
+    ``as_measured`` (not ``per_array``): the sums as measured, one vector per group of ``_measurement_groups``
+    (each in its order; an empty group none), not put back in the arrays' order by a gather.
     """
 
-    in_step = [] if computed else [i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)]
-    in_loop = [i for i in range(len(arrays)) if i not in set(in_step)]
+    in_step, in_loop = _measurement_groups(arrays, axes, per_array, computed)
 
-    def measuring(group: list[int]) -> tuple[Callable[[Array | float], list[Array]], list[int]]:
-        """The measurement of ``group``'s arrays and the order of the arrays its sums come out in."""
+    def measuring(group: list[int]) -> Callable[[Array | float], list[Array]]:
+        """The measurement of ``group``'s arrays, their sums in ``group``'s order."""
         members: Sequence[Array] = [arrays[i] for i in group]
         member_axes: Sequence[Axes] = [axes[i] for i in group]
-        order = group
         if not per_array:  # stacked once, outside the loop and branches that measure them
-            members, member_axes, positions = _xla.stacked(
+            members, member_axes, _ = _xla.stacked(
                 members, [_reduced_dims(x.ndim, axes[i]) for x, i in zip(members, group)]
             )
-            order = [group[p] for p in positions]
 
         def measure(scale: Array | float) -> list[Array]:
             if not group:
@@ -245,16 +263,17 @@ def _rescued_power_sums(
             # Strongly typed: a weakly typed scale (a loop's carry may be) would be a signature of its own.
             return _measured(list(members), jax.lax.convert_element_type(scale, jnp.float32), constant=1.0, **signature)
 
-        return measure, order
+        return measure
 
     def plan(first: list[Array]) -> tuple[Array, Array]:
         return _needs_rescue(flat_values(first))
 
-    (in_step_measure, in_step_order), (in_loop_measure, in_loop_order) = measuring(in_step), measuring(in_loop)
     first, second, exponent, needed = _xla.rare_second_pass(
-        in_step_measure, in_loop_measure, plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
+        measuring(in_step), measuring(in_loop), plan, (_RESCUE_EXPONENT, -_RESCUE_EXPONENT)
     )
-    restore = functools.partial(_in_array_order, [*in_step_order, *in_loop_order], arrays, axes, per_array)
+    if as_measured:
+        return PowerSums(first, second, exponent, needed)
+    restore = functools.partial(_in_array_order, [*in_step, *in_loop], arrays, axes, per_array)
     return PowerSums(restore(first), restore(second), exponent, needed)
 
 
@@ -281,11 +300,13 @@ def _rescued_power_sums_jvp(
     axes: Sequence[Axes],
     per_array: bool,
     computed: bool,
+    as_measured: bool,
     primals: tuple[Sequence[Array]],
     tangents: tuple[Sequence[Array]],
 ) -> tuple[PowerSums, PowerSums]:
     (arrays,), (directions,) = primals, tangents
-    sums = _rescued_power_sums(arrays, ord, axes, per_array, computed)
+    sums = _rescued_power_sums(arrays, ord, axes, per_array, computed, as_measured)
+    groups = [group for group in _measurement_groups(arrays, axes, per_array, computed) if group]
 
     def slopes(scale: Array) -> list[Array]:
         out = []
@@ -294,6 +315,8 @@ def _rescued_power_sums_jvp(
             x, t = x.astype(dtype) * scale.astype(dtype), t.astype(dtype) * scale.astype(dtype)
             slope = jnp.sign(x) if ord == 1 else 2 * x
             out.append(jnp.sum(slope * t, axis=_reduced_dims(x.ndim, a), keepdims=True))
+        if as_measured:
+            return [flat_values([out[i] for i in group]) for group in groups]
         return out if per_array else [flat_values(out)]
 
     no_tangent: Any = np.zeros((), jax.dtypes.float0)  # integer and boolean outputs have float0 tangents
@@ -308,10 +331,15 @@ def _root(power_sum: Array, ord: float) -> Array:
 
 
 def _sums(
-    arrays: Sequence[Array], ord: float, axes: Sequence[Axes], per_array: bool, computed: bool = False
+    arrays: Sequence[Array],
+    ord: float,
+    axes: Sequence[Axes],
+    per_array: bool,
+    computed: bool = False,
+    as_measured: bool = False,
 ) -> PowerSums:
     check_ord(ord)
-    return _rescued_power_sums(list(arrays), ord, tuple(axes), per_array, computed)
+    return _rescued_power_sums(list(arrays), ord, tuple(axes), per_array, computed, as_measured)
 
 
 def _maxima(arrays: Sequence[Array], axes: Sequence[Axes]) -> list[Array]:
@@ -347,6 +375,53 @@ def flat_unit_norms(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], *
         return NormParts(values, jnp.zeros(values.shape, jnp.int32))
     sums, exponents = _sums(arrays, ord, axes, False, computed).flat()
     return NormParts(_root(sums, ord), exponents)
+
+
+def paired_unit_norms(
+    first: Sequence[Array], second: Sequence[Array], ord: float, axes: Sequence[Axes]
+) -> tuple[NormParts, NormParts, list[int]]:
+    """``flat_unit_norms`` of two lists of arrays of matching shapes (AGC's gradients and weights; array ``i`` of
+    each over ``axes[i]``) from one measurement, and the order of the arrays in both: the units of array
+    ``order[0]``, then of ``order[1]``, ..., so that the two vectors pair up entry by entry. The arrays come by unit
+    count, the order ``_xla.segments`` hands out values in, so neither the formula nor the hand-out reorders
+    anything: each vector is a few slices of the measurement, where ``flat_unit_norms`` gathers its units back in the
+    arrays' order.
+    """
+    check_ord(ord)
+    if not first:
+        empty = NormParts(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
+        return empty, empty, []
+    arrays, both_axes = [*first, *second], [*axes, *axes]
+    counts = [math.prod(unit_shape(jnp.shape(x), a)) for x, a in zip(arrays, both_axes)]
+    if ord == math.inf:
+        measured = sorted(range(len(arrays)), key=lambda i: (counts[i], i))
+        values = flat_values(_maxima([arrays[i] for i in measured], [both_axes[i] for i in measured]))
+        pieces = [NormParts(values, jnp.zeros(values.shape, jnp.int32))]
+    else:  # each group's norms a piece of its own: one vector of all of them would be written out first
+        measured = [i for group in _measurement_groups(arrays, both_axes, False, False) for i in group]
+        sums = _sums(arrays, ord, both_axes, False, as_measured=True)
+        pieces = [NormParts(_root(s, ord), e) for s, e in sums.per_array()]
+    start = dict(zip(measured, np.cumsum([0, *(counts[i] for i in measured)]).tolist()))
+    piece_starts = np.cumsum([0, *(p.mantissa.size for p in pieces)]).tolist()
+    order = sorted(range(len(first)), key=lambda i: (counts[i], start[i]))
+
+    def picked(offset: int) -> NormParts:
+        runs: list[list[int]] = []  # [start, end) of each stretch of the measurement, consecutive ones merged
+        for i in order:
+            begin, end = start[i + offset], start[i + offset] + counts[i]
+            if runs and runs[-1][1] == begin:
+                runs[-1][1] = end
+            else:
+                runs.append([begin, end])
+        cuts = [
+            piece.take(slice(max(b, low) - low, min(e, high) - low))
+            for b, e in runs
+            for piece, low, high in zip(pieces, piece_starts, piece_starts[1:])
+            if b < high and e > low
+        ]
+        return NormParts(*(flat_values(halves) for halves in zip(*cuts)))
+
+    return picked(0), picked(len(first)), order
 
 
 def leaf_norm_vector(leaves: Sequence[Array], ord: float) -> NormParts:

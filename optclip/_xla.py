@@ -14,12 +14,13 @@ it exists (``tests/test_compile_structure.py``, ``tests/test_norms.py``).
   its own columns. XLA:CPU compiles each slice as a kernel of its own (the offsets differ), one per leaf. A variadic
   reduction, each segment summed with every other one read as -0.0, hands out many segments from one kernel; more
   segments than one kernel takes are first handed out as equal blocks (where blocks are short enough to be), so
-  that every block's kernel is the same (compiled once). A model's leaves alternate shapes (kernel, bias, kernel),
-  so segments of one length are handed out together wherever they sit (the columns put in order of length first, by
-  one gather); a segment too long to share a kernel is a slice computed once, so that the kernels that read it do
-  not differ by its offset. Tests: ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
+  that every block's kernel is the same (compiled once). A model's leaves alternate shapes (kernel, bias, kernel):
+  consecutive segments of one length are handed out together, so a caller puts them in order of length
+  (``_norms.paired_unit_norms`` measures them in that order, which costs no reordering); a segment too long to share
+  a kernel is a slice computed once, so that the kernels that read it do not differ by its offset. Tests:
+  ``test_a_per_leaf_scale_takes_a_few_kernels_not_one_per_leaf``,
   ``test_the_segments_of_many_leaves_share_their_kernels``,
-  ``test_update_kernels_are_shared_when_leaves_of_other_shapes_sit_between``.
+  ``test_update_kernels_are_shared_when_leaves_of_other_shapes_sit_between``, ``test_agc_reorders_no_units``.
 * ``tied``: XLA:CPU merges identical broadcasts of one scalar to one shape, and hands its fast reduction kernels a
   broadcast with several readers as a buffer it writes out first, the size of a leaf. A scalar made to depend on one
   entry of each leaf (times 0) is that leaf's own operand, and its broadcast fuses into the leaf's reduction. Test:
@@ -66,7 +67,6 @@ from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Array = jax.Array
 T = TypeVar("T")
@@ -94,21 +94,16 @@ def segments(matrix: Array, lengths: Sequence[int], one: Array) -> list[Array]:
     ``BLOCK_ROW_ENTRIES / SEGMENTS_PER_KERNEL``; see the module docstring). ``one``: ``runtime_one``. Bit for bit but
     for denormals, which are flushed to zero where the platform flushes them in arithmetic (XLA:CPU does).
 
-    Segments of one length are handed out together wherever they sit: where lengths alternate (a kernel's units, a
-    bias's, the next kernel's), the columns are first put in order of length, in one gather computed once."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])  # stable: equal lengths keep their order
-    if order != sorted(order):
-        starts = np.cumsum([0, *lengths])
-        matrix = matrix[:, np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order]).astype(np.int32)]
+    Consecutive segments of one length are handed out together: where lengths alternate (a kernel's units, a bias's,
+    the next kernel's), each run of one length takes kernels of its own, so callers give them in order of length."""
     matrix = computed_once(matrix, one)
     found: list[Array] = []
     start = 0
-    for length, run in itertools.groupby(lengths[i] for i in order):
+    for length, run in itertools.groupby(lengths):
         count = len(list(run))
         found += _run_segments(matrix[:, start : start + count * length], count, length, one)
         start += count * length
-    at = {index: position for position, index in enumerate(order)}
-    return [found[at[i]] for i in range(len(lengths))]
+    return found
 
 
 def _run_segments(matrix: Array, count: int, length: int, one: Array) -> list[Array]:
@@ -160,21 +155,28 @@ def tied(scalar: Array, x: Array) -> Array:
     return lax.add(scalar, lax.mul(lax.convert_element_type(finite, scalar.dtype), lax.full((), 0, scalar.dtype)))
 
 
-def stacked(
-    arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]
-) -> tuple[list[Array], list[tuple[int, ...]], list[int]]:
-    """``arrays`` with those below ``FAST_REDUCTION_MIN_SIZE`` entries stacked, wherever they sit, into one array per
-    (shape, dtype, ``dims``), or per (size, dtype) where ``dims`` is all of it (raveled first); the dims to reduce
-    each over; and the indices of ``arrays`` in the order that their reductions, raveled and concatenated, come out
-    (see the module docstring)."""
+def stacking_groups(arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """The indices of ``arrays`` that ``stacked`` reduces together, group by group in the order their reductions
+    come out: those below ``FAST_REDUCTION_MIN_SIZE`` entries by (shape, dtype, ``dims``), or by (size, dtype) where
+    ``dims`` is all of it; every other array alone."""
     groups: dict[object, list[int]] = {}
     for i, (x, d) in enumerate(zip(arrays, dims)):
         whole = len(d) == x.ndim  # then only the size matters: the stack is of raveled arrays
         key = (x.dtype, (x.size,) if whole else (x.shape, d)) if x.size < FAST_REDUCTION_MIN_SIZE else i
         groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def stacked(
+    arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]
+) -> tuple[list[Array], list[tuple[int, ...]], list[int]]:
+    """``arrays`` stacked as ``stacking_groups`` says, wherever they sit; the dims to reduce each over; and the
+    indices of ``arrays`` in the order that their reductions, raveled and concatenated, come out (see the module
+    docstring)."""
+    groups = stacking_groups(arrays, dims)
     found: list[Array] = []
     found_dims: list[tuple[int, ...]] = []
-    for group in groups.values():
+    for group in groups:
         x, reduced = arrays[group[0]], dims[group[0]]
         if len(group) == 1:
             found.append(x)
@@ -185,7 +187,7 @@ def stacked(
         else:
             found.append(jnp.stack([arrays[i] for i in group]))
             found_dims.append(tuple(d + 1 for d in reduced))
-    return found, found_dims, [i for group in groups.values() for i in group]
+    return found, found_dims, [i for group in groups for i in group]
 
 
 def traced_once(fn: Callable[..., T], static_argnames: Sequence[str]) -> Callable[..., T]:

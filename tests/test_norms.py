@@ -249,6 +249,44 @@ def test_unit_norms_of_a_large_kernel_beside_small_ones(ord):
     np.testing.assert_allclose(flat, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ord", ORDS)
+def test_paired_unit_norms_pair_the_units_of_two_lists(ord):
+    # AGC's gradients and weights, measured together: large kernels of several unit counts (one unit overflows),
+    # small ones reduced stacked, vectors between them, bf16 gradients beside float32 weights. Both vectors hold
+    # the units of the arrays in the order returned, each array's in C order; gradients flow as through
+    # ``flat_unit_norms``.
+    rng = np.random.default_rng(4)
+    shapes = [(64, 128), (8,), (300, 20), (8,), (16, 16), (4, 64, 32), (128, 64), (3, 2), (16, 16)]
+    axes = [(0,), None, (0,), None, (0,), (0, 1), (0,), (0,), (0,)]
+    grads = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads[0][:, 5] *= 1e38 / np.abs(grads[0][:, 5]).max()
+    weights = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads_in = [jnp.asarray(g, jnp.bfloat16) if g.ndim == 1 else jnp.asarray(g) for g in grads]
+    units, unit_weights, order = _norms.paired_unit_norms(grads_in, [jnp.asarray(w) for w in weights], ord, axes)
+
+    def expected(arrays):
+        return np.concatenate([norm64([as64(arrays[i])], ord, axis=axes[i]).ravel() for i in order])
+
+    assert sorted(order) == list(range(len(shapes)))
+    np.testing.assert_allclose(_parts64(units), expected(grads_in), rtol=1e-6)
+    np.testing.assert_allclose(_parts64(unit_weights), expected(weights), rtol=1e-6)
+
+    counts = [int(np.prod(_norms.unit_shape(s, a))) for s, a in zip(shapes, axes)]
+    starts = np.cumsum([0, *counts])
+    in_order = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in order])
+    small = [jnp.asarray(g / 1e30) for g in grads]
+    weighting = jnp.arange(in_order.size, dtype=jnp.float32)
+
+    def paired(g):
+        return jnp.sum(_norms.paired_unit_norms(g, small, ord, axes)[0].value() * weighting)
+
+    def flat(g):
+        return jnp.sum(_norms.flat_unit_norms(g, ord, axes).value()[in_order] * weighting)
+
+    for a, b in zip(jax.grad(paired)(small), jax.grad(flat)(small)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 @pytest.mark.parametrize("ord", (1, 2))
 def test_the_second_pass_stays_in_its_loop(ord):
     # XLA moves loop-invariant work out of a loop: were the second pass's scale invariant, its reductions would run
