@@ -45,6 +45,23 @@ def test_adaptive_grad_clip_stats_are_ratios_to_the_weights():
     assert _stats_after(optclip.adaptive_grad_clip(0.2), grads, params) == expected
 
 
+def test_adaptive_grad_clip_full_stats_name_each_leaf_its_own_units():
+    # AGC measures and clips its units in an order of its own (by unit count, small leaves stacked), not the leaves';
+    # each leaf's largest ratio and fraction of units clipped must still be its own. Units: the input dims (axis 0).
+    rng = np.random.default_rng(0)
+    shapes = {"a": (64, 96), "b": (5,), "c": (4, 3), "d": (100, 48), "e": (4, 3), "f": (2, 3)}
+    grads = {k: jnp.asarray(rng.normal(size=s) * (1 + i), jnp.float32) for i, (k, s) in enumerate(shapes.items())}
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    ratio = 1.5
+    found = _stats_after(optclip.adaptive_grad_clip(ratio, stats="full"), grads, params)
+    for key in shapes:
+        g, w = np.asarray(grads[key], np.float64), np.asarray(params[key], np.float64)
+        axis = None if g.ndim == 1 else 0
+        ratios = np.linalg.norm(g, axis=axis) / np.maximum(np.linalg.norm(w, axis=axis), 1e-3)
+        assert found[f"adaptive_grad_clip/norm/{key}"] == pytest.approx(ratios.max(), rel=1e-5)
+        assert found[f"adaptive_grad_clip/clipped/{key}"] == pytest.approx(np.mean(ratios > ratio), abs=1e-5)
+
+
 def test_clip_by_value_stats():
     grads = {"w": jnp.array([3.0, -4.0, 0.5, 0.0])}
     after = np.sqrt(1 + 1 + 0.25)
