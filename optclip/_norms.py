@@ -249,10 +249,10 @@ def _rescued_power_sums(
         """The measurement of ``group``'s arrays, their sums in ``group``'s order."""
         members: Sequence[Array] = [arrays[i] for i in group]
         member_axes: Sequence[Axes] = [axes[i] for i in group]
-        if not per_array:  # stacked once, outside the loop and branches that measure them
-            members, member_axes, _ = _xla.stacked(
-                members, [_reduced_dims(x.ndim, axes[i]) for x, i in zip(members, group)]
-            )
+        if not per_array:  # stacked once, outside the loop and branches that measure them; ``group`` is in
+            # stacking order (``_measurement_groups``), so the sums come out in its order
+            dims = [_reduced_dims(x.ndim, axes[i]) for x, i in zip(members, group)]
+            members, member_axes = _xla.stacked(members, dims)
 
         def measure(scale: Array | float) -> list[Array]:
             if not group:

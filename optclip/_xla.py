@@ -167,16 +167,12 @@ def stacking_groups(arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]) ->
     return list(groups.values())
 
 
-def stacked(
-    arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]
-) -> tuple[list[Array], list[tuple[int, ...]], list[int]]:
-    """``arrays`` stacked as ``stacking_groups`` says, wherever they sit; the dims to reduce each over; and the
-    indices of ``arrays`` in the order that their reductions, raveled and concatenated, come out (see the module
-    docstring)."""
-    groups = stacking_groups(arrays, dims)
+def stacked(arrays: Sequence[Array], dims: Sequence[tuple[int, ...]]) -> tuple[list[Array], list[tuple[int, ...]]]:
+    """``arrays`` stacked as ``stacking_groups`` says, wherever they sit, in its order of groups; and the dims to
+    reduce each over (see the module docstring)."""
     found: list[Array] = []
     found_dims: list[tuple[int, ...]] = []
-    for group in groups:
+    for group in stacking_groups(arrays, dims):
         x, reduced = arrays[group[0]], dims[group[0]]
         if len(group) == 1:
             found.append(x)
@@ -187,7 +183,7 @@ def stacked(
         else:
             found.append(jnp.stack([arrays[i] for i in group]))
             found_dims.append(tuple(d + 1 for d in reduced))
-    return found, found_dims, [i for group in groups for i in group]
+    return found, found_dims
 
 
 def traced_once(fn: Callable[..., T], static_argnames: Sequence[str]) -> Callable[..., T]:
