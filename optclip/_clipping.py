@@ -669,11 +669,10 @@ def adaptive_grad_clip(
         per_leaf = {}
         if stats == "full":  # each leaf's largest ratio and fraction of units clipped
             size = len(slots.values)
-            counts = [math.prod(shape) for shape in shapes]
-            leaf_of_unit = np.repeat(np.asarray(order, np.int32), counts)
+            leaf_of_unit = np.repeat(np.asarray(order, np.int32), [math.prod(shape) for shape in shapes])
             largest = jax.ops.segment_max(ratios, leaf_of_unit, len(order))
             clipped_units = jax.ops.segment_sum(scale.clipped.astype(jnp.float32), leaf_of_unit, len(order))
-            fractions = clipped_units / np.maximum(np.asarray(counts, np.float32)[np.argsort(order)], 1)
+            fractions = clipped_units / np.maximum(np.bincount(leaf_of_unit, minlength=len(order)), 1)
             per_leaf = {
                 "norm": spread(jnp.maximum(largest, 0.0), size, slots.present),
                 "clipped": spread(fractions, size, slots.present),

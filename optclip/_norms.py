@@ -124,6 +124,11 @@ def unit_shape(shape: Sequence[int], axis: Axes) -> tuple[int, ...]:
     return tuple(1 if d in reduced else n for d, n in enumerate(shape))
 
 
+def _unit_count(x: Array, axis: Axes) -> int:
+    """How many norms ``x`` has over ``axis`` (one per unit)."""
+    return math.prod(unit_shape(jnp.shape(x), axis))
+
+
 def _power_sums(arrays: Sequence[Array], ord: float, axes: Sequence[Axes], scale: Array | float) -> list[Array]:
     """``sum(|x * scale| ** ord)`` of every array over its axes (reduced dims kept), in the accumulation dtype (at
     least float32); ``scale`` is a power
@@ -210,7 +215,7 @@ def _measurement_groups(
     each in the order their sums come out: by unit count (then as given), and unless ``per_array`` in the groups
     ``_xla.stacked`` reduces together. By unit count, so that the units of arrays of one count sit together, as
     ``_xla.segments`` hands values out (``paired_unit_norms``)."""
-    counts = [math.prod(unit_shape(jnp.shape(x), a)) for x, a in zip(arrays, axes)]
+    counts = [_unit_count(x, a) for x, a in zip(arrays, axes)]
     large = set() if computed else {i for i, x in enumerate(arrays) if _xla.fastest_unscaled(x)}
     in_step = sorted(large, key=lambda i: (counts[i], i))
     in_loop = sorted((i for i in range(len(arrays)) if i not in large), key=lambda i: (counts[i], i))
@@ -288,7 +293,7 @@ def _in_array_order(
     vector = flat_values(sums)
     if group_order == sorted(group_order):
         return [vector]
-    counts = [math.prod(unit_shape(jnp.shape(arrays[i]), axes[i])) for i in group_order]
+    counts = [_unit_count(arrays[i], axes[i]) for i in group_order]
     starts = dict(zip(group_order, np.cumsum([0, *counts]).tolist()))
     ends = {i: starts[i] + n for i, n in zip(group_order, counts)}
     return [vector[np.concatenate([np.arange(starts[i], ends[i]) for i in range(len(arrays))]).astype(np.int32)]]
@@ -392,13 +397,12 @@ def paired_unit_norms(
         empty = NormParts(jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32))
         return empty, empty, []
     arrays, both_axes = [*first, *second], [*axes, *axes]
-    counts = [math.prod(unit_shape(jnp.shape(x), a)) for x, a in zip(arrays, both_axes)]
-    if ord == math.inf:
-        measured = sorted(range(len(arrays)), key=lambda i: (counts[i], i))
+    counts = [_unit_count(x, a) for x, a in zip(arrays, both_axes)]
+    measured = [i for group in _measurement_groups(arrays, both_axes, False, False) for i in group]
+    if ord == math.inf:  # maxima need no rescue: taken array by array, in the same order
         values = flat_values(_maxima([arrays[i] for i in measured], [both_axes[i] for i in measured]))
         pieces = [NormParts(values, jnp.zeros(values.shape, jnp.int32))]
     else:  # each group's norms a piece of its own: one vector of all of them would be written out first
-        measured = [i for group in _measurement_groups(arrays, both_axes, False, False) for i in group]
         sums = _sums(arrays, ord, both_axes, False, as_measured=True)
         pieces = [NormParts(_root(s, ord), e) for s, e in sums.per_array()]
     start = dict(zip(measured, np.cumsum([0, *(counts[i] for i in measured)]).tolist()))
